@@ -1,0 +1,163 @@
+//! Incremental deltas: an event contributes (new row) minus (old row) to every metric.
+//!
+//! Pure functions, no I/O. Because each row image contributes independently and addition
+//! commutes, events may be applied in any order and in any batches, and the sum over all
+//! events equals the metrics of the current rows.
+
+use chrono::{DateTime, Datelike, NaiveDate, Utc};
+use rust_decimal::Decimal;
+use std::collections::BTreeMap;
+use uuid::Uuid;
+
+use super::rows::{ChangeEvent, LeadStatus, ProjectStatus, RowImage};
+use crate::event::{CrmTable, Operation};
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DailyDelta {
+    pub leads_created: i64,
+    pub leads_converted: i64,
+    pub activities: i64,
+    pub deals_won: i64,
+    pub revenue_won: Decimal,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FunnelDelta {
+    pub new: i64,
+    pub contacted: i64,
+    pub qualified: i64,
+    pub converted: i64,
+    pub lost: i64,
+    pub total: i64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RevenueDelta {
+    pub deals_won: i64,
+    pub revenue: Decimal,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CountDelta {
+    pub processed: i64,
+    pub failed: i64,
+}
+
+/// Key of `event_counts`: the event's UTC date, its table and its operation.
+pub type CountKey = (NaiveDate, CrmTable, Operation);
+
+/// The summed change of every aggregate over a set of events. Keys are kept sorted so that
+/// concurrent workers lock aggregate rows in the same order and cannot deadlock.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Deltas {
+    pub daily: BTreeMap<(Uuid, NaiveDate), DailyDelta>,
+    pub funnel: BTreeMap<(NaiveDate, String), FunnelDelta>,
+    pub revenue: BTreeMap<(Uuid, NaiveDate), RevenueDelta>,
+    pub counts: BTreeMap<CountKey, CountDelta>,
+}
+
+pub fn utc_date(at: DateTime<Utc>) -> NaiveDate {
+    at.date_naive()
+}
+
+/// First day of the month of `at`, the key of `revenue_metrics`.
+pub fn month_start(at: DateTime<Utc>) -> NaiveDate {
+    let date = at.date_naive();
+    date.with_day(1).unwrap_or(date)
+}
+
+impl Deltas {
+    /// Adds an event's metric contribution (not its processing count).
+    pub fn add_event(&mut self, event: &ChangeEvent) {
+        if let Some(old) = &event.old {
+            self.add_row(old, -1);
+        }
+        if let Some(new) = &event.new {
+            self.add_row(new, 1);
+        }
+    }
+
+    /// Counts an event as processed in `event_counts`.
+    pub fn count_processed(&mut self, event: &ChangeEvent) {
+        self.counts
+            .entry((event.date(), event.table, event.operation))
+            .or_default()
+            .processed += 1;
+    }
+
+    /// Adds `sign` times one row's contribution to every metric it takes part in.
+    pub fn add_row(&mut self, row: &RowImage, sign: i64) {
+        match row {
+            RowImage::Account => {}
+            RowImage::Lead(lead) => {
+                if let Some(account) = lead.account_id {
+                    self.daily
+                        .entry((account, utc_date(lead.created_at)))
+                        .or_default()
+                        .leads_created += sign;
+                    if let (LeadStatus::Converted, Some(at)) = (lead.status, lead.converted_at) {
+                        self.daily
+                            .entry((account, utc_date(at)))
+                            .or_default()
+                            .leads_converted += sign;
+                    }
+                }
+                let funnel = self
+                    .funnel
+                    .entry((utc_date(lead.created_at), lead.source.clone()))
+                    .or_default();
+                funnel.total += sign;
+                *match lead.status {
+                    LeadStatus::New => &mut funnel.new,
+                    LeadStatus::Contacted => &mut funnel.contacted,
+                    LeadStatus::Qualified => &mut funnel.qualified,
+                    LeadStatus::Converted => &mut funnel.converted,
+                    LeadStatus::Lost => &mut funnel.lost,
+                } += sign;
+            }
+            RowImage::Project(project) => {
+                let (Some(account), ProjectStatus::Won, Some(closed_at)) =
+                    (project.account_id, project.status, project.closed_at)
+                else {
+                    return;
+                };
+                let amount = project.amount * Decimal::from(sign);
+                let daily = self
+                    .daily
+                    .entry((account, utc_date(closed_at)))
+                    .or_default();
+                daily.deals_won += sign;
+                daily.revenue_won += amount;
+                let revenue = self
+                    .revenue
+                    .entry((account, month_start(closed_at)))
+                    .or_default();
+                revenue.deals_won += sign;
+                revenue.revenue += amount;
+            }
+            RowImage::Activity(activity) => {
+                if let Some(account) = activity.account_id {
+                    self.daily
+                        .entry((account, utc_date(activity.occurred_at)))
+                        .or_default()
+                        .activities += sign;
+                }
+            }
+        }
+    }
+
+    /// Drops entries whose every field nets to zero: they would change nothing.
+    pub fn prune_zeros(&mut self) {
+        self.daily.retain(|_, d| *d != DailyDelta::default());
+        self.funnel.retain(|_, d| *d != FunnelDelta::default());
+        self.revenue.retain(|_, d| *d != RevenueDelta::default());
+        self.counts.retain(|_, d| *d != CountDelta::default());
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.daily.is_empty()
+            && self.funnel.is_empty()
+            && self.revenue.is_empty()
+            && self.counts.is_empty()
+    }
+}

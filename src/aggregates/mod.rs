@@ -1,0 +1,19 @@
+//! Aggregates: the exact, pre-aggregated metrics in schema `analytics`.
+//!
+//! Owns the analytics schema and its migrations, the decoding of row images, the pure
+//! delta arithmetic (new row minus old row), the set-based writes, and the full SQL
+//! recomputation that backfill, rebuild and verification use.
+
+pub mod apply;
+pub mod delta;
+pub mod recompute;
+pub mod rows;
+
+use crate::migrate::Migration;
+
+/// Migrations of the analytics database (component "analytics").
+pub const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    description: "aggregate tables and pipeline bookkeeping",
+    sql: include_str!("sql/001_analytics.sql"),
+}];

@@ -1,0 +1,159 @@
+//! Row images: the few columns of each CRM row that the metrics depend on, decoded and
+//! validated from an event payload before anything is written, so that a malformed event
+//! fails alone and early.
+
+use chrono::{DateTime, NaiveDate, Utc};
+use rust_decimal::Decimal;
+use serde::{de, Deserialize, Deserializer};
+use serde_json::value::RawValue;
+use uuid::Uuid;
+
+use crate::event::{parse_event_type, CrmTable, Envelope, Operation};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LeadStatus {
+    New,
+    Contacted,
+    Qualified,
+    Converted,
+    Lost,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProjectStatus {
+    Open,
+    Won,
+    Lost,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct LeadRow {
+    pub account_id: Option<Uuid>,
+    pub source: String,
+    pub status: LeadStatus,
+    pub converted_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ProjectRow {
+    pub account_id: Option<Uuid>,
+    pub status: ProjectStatus,
+    #[serde(deserialize_with = "exact_decimal")]
+    pub amount: Decimal,
+    pub closed_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ActivityRow {
+    pub account_id: Option<Uuid>,
+    pub occurred_at: DateTime<Utc>,
+}
+
+/// A decoded row image of one of the captured tables.
+#[derive(Debug, Clone)]
+pub enum RowImage {
+    Account,
+    Lead(LeadRow),
+    Project(ProjectRow),
+    Activity(ActivityRow),
+}
+
+/// An event ready to be applied: everything a handler needs, already validated.
+#[derive(Debug, Clone)]
+pub struct ChangeEvent {
+    pub event_id: Uuid,
+    pub table: CrmTable,
+    pub operation: Operation,
+    pub xid: u64,
+    pub created_at: DateTime<Utc>,
+    pub old: Option<RowImage>,
+    pub new: Option<RowImage>,
+}
+
+impl ChangeEvent {
+    pub fn date(&self) -> NaiveDate {
+        self.created_at.date_naive()
+    }
+}
+
+#[derive(Deserialize)]
+struct Payload<'a> {
+    #[serde(borrow, default)]
+    old: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    new: Option<&'a RawValue>,
+}
+
+/// Decodes an envelope into a [`ChangeEvent`], or says what is wrong with it.
+pub fn decode(envelope: &Envelope) -> Result<ChangeEvent, String> {
+    let (table, operation) = parse_event_type(&envelope.event_type)
+        .ok_or_else(|| format!("unknown event type {:?}", envelope.event_type))?;
+    let payload: Payload = serde_json::from_str(envelope.payload.get())
+        .map_err(|e| format!("payload is not a JSON object with old/new: {e}"))?;
+    let image = |raw: Option<&RawValue>, side: &str| -> Result<Option<RowImage>, String> {
+        match raw {
+            None => Ok(None),
+            Some(raw) if raw.get() == "null" => Ok(None),
+            Some(raw) => decode_row(table, raw.get())
+                .map(Some)
+                .map_err(|e| format!("{side} row image of {}: {e}", table.name())),
+        }
+    };
+    let old = image(payload.old, "old")?;
+    let new = image(payload.new, "new")?;
+    let expected = match operation {
+        Operation::Insert | Operation::Snapshot => (false, true),
+        Operation::Update => (true, true),
+        Operation::Delete => (true, false),
+    };
+    if (old.is_some(), new.is_some()) != expected {
+        return Err(format!(
+            "a {} event needs {} row image(s)",
+            operation.name(),
+            match expected {
+                (true, true) => "old and new",
+                (true, false) => "an old",
+                _ => "a new",
+            }
+        ));
+    }
+    Ok(ChangeEvent {
+        event_id: envelope.event_id,
+        table,
+        operation,
+        xid: envelope.xid,
+        created_at: envelope.created_at,
+        old,
+        new,
+    })
+}
+
+fn decode_row(table: CrmTable, json: &str) -> Result<RowImage, serde_json::Error> {
+    Ok(match table {
+        CrmTable::Accounts => RowImage::Account,
+        CrmTable::Leads => RowImage::Lead(serde_json::from_str(json)?),
+        CrmTable::Projects => RowImage::Project(serde_json::from_str(json)?),
+        CrmTable::Activities => RowImage::Activity(serde_json::from_str(json)?),
+    })
+}
+
+/// Reads a JSON number (kept verbatim by serde_json's arbitrary precision) or a string as
+/// an exact decimal: money never passes through floating point.
+fn exact_decimal<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Decimal, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Text {
+        Number(serde_json::Number),
+        String(String),
+    }
+    let text = match Text::deserialize(deserializer)? {
+        Text::Number(n) => n.to_string(),
+        Text::String(s) => s,
+    };
+    Decimal::from_str_exact(&text)
+        .or_else(|_| Decimal::from_scientific(&text))
+        .map_err(|e| de::Error::custom(format!("amount {text:?} is not an exact decimal: {e}")))
+}

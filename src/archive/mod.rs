@@ -1,0 +1,152 @@
+//! Archive: every applied event's raw JSON, kept in an object store.
+//!
+//! Owns the archive location (a local folder by default, `s3://bucket/prefix` at scale,
+//! through the `object_store` crate) and its layout under `events/YYYY/MM/DD/<table>/`:
+//! by default one gzip-compressed JSON Lines object per batch, table and day; optionally one
+//! `<event_id>.json` object per event. A retried batch may archive an event twice; readers
+//! de-duplicate by event_id.
+
+use chrono::NaiveDate;
+use flate2::{write::GzEncoder, Compression};
+use object_store::{local::LocalFileSystem, path::Path, ObjectStore, PutPayload};
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::sync::Arc;
+use uuid::Uuid;
+
+use crate::event::CrmTable;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ArchiveError {
+    #[error("CRM_ANALYTICS_ARCHIVE={location:?} cannot be used: {reason}. Give a folder path, a file:// URL or an s3://bucket/prefix URL")]
+    Location { location: String, reason: String },
+    #[error("writing {path} to the archive failed: {source}")]
+    Write {
+        path: String,
+        #[source]
+        source: object_store::Error,
+    },
+}
+
+/// How events are grouped into objects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Layout {
+    /// One gzip JSON Lines object per batch, table and day.
+    Batch,
+    /// One `<event_id>.json` object per event.
+    Event,
+}
+
+/// One event to archive: its date, table and raw JSON (one line, the queue envelope).
+pub struct ArchivedEvent<'a> {
+    pub event_id: Uuid,
+    pub date: NaiveDate,
+    pub table: CrmTable,
+    pub json: &'a str,
+}
+
+#[derive(Clone)]
+pub struct Archive {
+    store: Arc<dyn ObjectStore>,
+    prefix: Path,
+    layout: Layout,
+}
+
+impl Archive {
+    /// Opens `location`: a plain folder path, `file:///abs/path`, or `s3://bucket/prefix`
+    /// (credentials, region and endpoint from the usual AWS_* variables).
+    pub fn open(location: &str, layout: Layout) -> Result<Self, ArchiveError> {
+        let fail = |reason: String| ArchiveError::Location {
+            location: location.to_string(),
+            reason,
+        };
+        let (store, prefix): (Arc<dyn ObjectStore>, Path) =
+            if let Some(rest) = location.strip_prefix("s3://") {
+                let bucket = rest.split('/').next().unwrap_or_default();
+                let prefix = rest.strip_prefix(bucket).unwrap_or_default();
+                let store = object_store::aws::AmazonS3Builder::from_env()
+                    .with_bucket_name(bucket)
+                    .build()
+                    .map_err(|e| fail(e.to_string()))?;
+                (Arc::new(store), Path::from(prefix))
+            } else {
+                let folder = match location.strip_prefix("file://") {
+                    Some(path) => path,
+                    None if location.contains("://") => {
+                        return Err(fail("only file:// and s3:// URLs are supported".into()))
+                    }
+                    None => location,
+                };
+                std::fs::create_dir_all(folder).map_err(|e| fail(e.to_string()))?;
+                let store =
+                    LocalFileSystem::new_with_prefix(folder).map_err(|e| fail(e.to_string()))?;
+                (Arc::new(store), Path::default())
+            };
+        Ok(Self {
+            store,
+            prefix,
+            layout,
+        })
+    }
+
+    fn folder(&self, date: NaiveDate, table: CrmTable) -> String {
+        let base = date.format("events/%Y/%m/%d").to_string();
+        match self.prefix.as_ref() {
+            "" => format!("{base}/{}", table.name()),
+            prefix => format!("{prefix}/{base}/{}", table.name()),
+        }
+    }
+
+    /// Writes `events`; returns the number of objects written.
+    pub async fn write(&self, events: &[ArchivedEvent<'_>]) -> Result<usize, ArchiveError> {
+        let mut objects: Vec<(Path, Vec<u8>)> = Vec::new();
+        match self.layout {
+            Layout::Event => {
+                for event in events {
+                    let path = format!(
+                        "{}/{}.json",
+                        self.folder(event.date, event.table),
+                        event.event_id
+                    );
+                    objects.push((Path::from(path), event.json.as_bytes().to_vec()));
+                }
+            }
+            Layout::Batch => {
+                let mut groups: BTreeMap<(NaiveDate, CrmTable), Vec<&str>> = BTreeMap::new();
+                for event in events {
+                    groups
+                        .entry((event.date, event.table))
+                        .or_default()
+                        .push(event.json);
+                }
+                let batch = Uuid::new_v4();
+                for ((date, table), lines) in groups {
+                    let mut gz = GzEncoder::new(Vec::new(), Compression::fast());
+                    for line in lines {
+                        // Writing into a Vec cannot fail.
+                        let _ = gz.write_all(line.as_bytes());
+                        let _ = gz.write_all(b"\n");
+                    }
+                    let bytes = gz.finish().unwrap_or_default();
+                    let path = format!("{}/{batch}.jsonl.gz", self.folder(date, table));
+                    objects.push((Path::from(path), bytes));
+                }
+            }
+        }
+        let count = objects.len();
+        futures::future::try_join_all(objects.into_iter().map(|(path, bytes)| {
+            let store = self.store.clone();
+            async move {
+                store
+                    .put(&path, PutPayload::from(bytes))
+                    .await
+                    .map_err(|source| ArchiveError::Write {
+                        path: path.to_string(),
+                        source,
+                    })
+            }
+        }))
+        .await?;
+        Ok(count)
+    }
+}

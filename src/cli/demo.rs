@@ -1,0 +1,201 @@
+//! `crm-analytics demo`: a one-command tour. Creates a database of its own on the local
+//! PostgreSQL (or uses DATABASE_URL), the reference CRM schema, attaches capture, and runs a
+//! realistic CRM workload while the pipeline runs, showing live what it does; at the end it
+//! drains and checks the aggregates against a full recomputation.
+
+use clap::Args;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{parse_duration, DatabaseArgs, PipelineArgs};
+use crate::pipeline::{shutdown_on_signals, Pipeline, Roles};
+use crate::workload::{self, WorkloadConfig, WorkloadStats};
+
+const LOCAL_SERVER: &str = "postgres://postgres@localhost:5432";
+const DEMO_DATABASE: &str = "crm_analytics_demo";
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// How long the workload runs.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub duration: Duration,
+    /// Concurrent CRM writers.
+    #[arg(long, default_value_t = 4)]
+    pub writers: usize,
+    /// Seed of the random workload.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    #[command(flatten)]
+    pub pipeline: PipelineArgs,
+}
+
+/// Creates the demo database on the local server if needed and returns its URL.
+async fn local_database() -> anyhow::Result<String> {
+    use sqlx::Connection;
+    let admin_url = format!("{LOCAL_SERVER}/postgres");
+    let mut admin = sqlx::PgConnection::connect(&admin_url).await.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot reach PostgreSQL on localhost:5432 ({e}): start PostgreSQL, or set \
+             DATABASE_URL to a database the demo may use"
+        )
+    })?;
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+            .bind(DEMO_DATABASE)
+            .fetch_one(&mut admin)
+            .await?;
+    if !exists {
+        sqlx::raw_sql(&format!("CREATE DATABASE {DEMO_DATABASE}"))
+            .execute(&mut admin)
+            .await?;
+    }
+    Ok(format!("{LOCAL_SERVER}/{DEMO_DATABASE}"))
+}
+
+pub async fn run(db: &DatabaseArgs, args: DemoArgs) -> anyhow::Result<()> {
+    let mut db = db.clone();
+    if db.database_url.is_none() {
+        db.database_url = Some(local_database().await?);
+    }
+    let crm_url = db.crm_url()?.to_string();
+    println!("crm-analytics demo on {}", crate::db::redact(&crm_url));
+
+    let pipeline = Pipeline::connect(&db, &args.pipeline).await?;
+    super::migrate_all(&pipeline.crm, &pipeline.analytics, &db.crm_schema, true).await?;
+    let report =
+        crate::backfill::run(&pipeline.crm, &pipeline.analytics, &db.crm_schema, false).await?;
+    println!(
+        "schema ready; {} existing CRM rows backfilled",
+        report.crm_rows
+    );
+
+    let shutdown = shutdown_on_signals();
+    let pipeline = Arc::new(pipeline);
+    let running = {
+        let (pipeline, stop) = (pipeline.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            pipeline
+                .run(
+                    Roles {
+                        relay: true,
+                        workers: true,
+                    },
+                    stop,
+                )
+                .await
+        })
+    };
+
+    let stats = Arc::new(WorkloadStats::default());
+    let writers_stop = CancellationToken::new();
+    let workload = {
+        let config = WorkloadConfig {
+            writers: args.writers,
+            transactions_per_writer: None,
+            rollback_ratio: 0.05,
+            seed: args.seed,
+            crm_schema: db.crm_schema.clone(),
+        };
+        let (pool, stats, stop) = (pipeline.crm.clone(), stats.clone(), writers_stop.clone());
+        tokio::spawn(async move { workload::run(&pool, &config, stats, stop).await })
+    };
+
+    println!(
+        "writing to the CRM with {} writers for {:?} (Ctrl-C stops)",
+        args.writers, args.duration
+    );
+    let started = Instant::now();
+    while started.elapsed() < args.duration && !shutdown.is_cancelled() {
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+        print_line(&pipeline, &stats, started).await;
+    }
+    writers_stop.cancel();
+    workload.await??;
+
+    println!("writers stopped; draining the pipeline");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let status =
+            crate::status::read(&pipeline.crm, &pipeline.analytics, &*pipeline.queue).await?;
+        if status.outbox_lag == 0 && status.queue_depth == 0 || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    shutdown.cancel();
+    running.await??;
+
+    let differences = super::verify(&pipeline.crm, &pipeline.analytics, &db.crm_schema).await?;
+    if differences.is_empty() {
+        println!("✔ every aggregate equals a full recomputation over the CRM tables");
+    } else {
+        println!(
+            "✘ {} aggregate rows differ from a recomputation:",
+            differences.len()
+        );
+        for line in differences.iter().take(10) {
+            println!("  {line}");
+        }
+    }
+    print_summary(&pipeline).await?;
+    println!("\nNext: `DATABASE_URL={crm_url} crm-analytics status`, or query schema analytics directly.");
+    Ok(())
+}
+
+async fn print_line(pipeline: &Pipeline, stats: &WorkloadStats, started: Instant) {
+    let processed: i64 = sqlx::query_scalar(
+        "SELECT coalesce(sum(processed), 0)::int8 FROM analytics.event_counts WHERE operation <> 'snapshot'",
+    )
+    .fetch_one(&pipeline.analytics)
+    .await
+    .unwrap_or(0);
+    match crate::status::read(&pipeline.crm, &pipeline.analytics, &*pipeline.queue).await {
+        Ok(status) => {
+            let latency = status
+                .latency_ms
+                .map(|l| format!("p50 {:>6} ms  p99 {:>6} ms", l.p50, l.p99))
+                .unwrap_or_else(|| "no events yet".into());
+            println!(
+                "{:>4}s  transactions {:>7}  events applied {:>8}  outbox {:>5}  queue {:>5}  failed {}  latency {latency}",
+                started.elapsed().as_secs(),
+                stats.committed(),
+                processed,
+                status.outbox_lag,
+                status.queue_depth,
+                status.failed_events,
+            );
+        }
+        Err(error) => println!("status unavailable: {error:#}"),
+    }
+}
+
+async fn print_summary(pipeline: &Pipeline) -> anyhow::Result<()> {
+    let funnel: (i64, i64, i64, i64, i64, i64) = sqlx::query_as(
+        "SELECT coalesce(sum(total),0)::int8, coalesce(sum(new),0)::int8, coalesce(sum(contacted),0)::int8,
+                coalesce(sum(qualified),0)::int8, coalesce(sum(converted),0)::int8, coalesce(sum(lost),0)::int8
+         FROM analytics.lead_funnel_metrics",
+    )
+    .fetch_one(&pipeline.analytics)
+    .await?;
+    println!(
+        "\nlead funnel: {} leads = {} new, {} contacted, {} qualified, {} converted, {} lost",
+        funnel.0, funnel.1, funnel.2, funnel.3, funnel.4, funnel.5
+    );
+    let revenue: Vec<(chrono::NaiveDate, i64, rust_decimal::Decimal)> = sqlx::query_as(
+        "SELECT month, sum(deals_won)::int8, sum(revenue) FROM analytics.revenue_metrics
+         GROUP BY month ORDER BY month DESC LIMIT 4",
+    )
+    .fetch_all(&pipeline.analytics)
+    .await?;
+    for (month, won, amount) in revenue {
+        println!(
+            "revenue {}: {won} deals won, {amount}",
+            month.format("%Y-%m")
+        );
+    }
+    Ok(())
+}

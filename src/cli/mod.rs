@@ -1,0 +1,322 @@
+//! CLI: the `crm-analytics` command, its subcommands and their output.
+//!
+//! Owns argument parsing (through [`crate::config`]), what each subcommand prints, and the
+//! exit codes. Every stage's logic lives in its own module; this one only wires it.
+
+mod demo;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+use uuid::Uuid;
+
+use crate::config::{DatabaseArgs, PipelineArgs};
+use crate::pipeline::{shutdown_on_signals, Pipeline, Roles};
+use crate::queue::{postgres::PostgresQueue, Queue};
+use crate::worker::failed;
+
+/// Live, exact sales analytics from a PostgreSQL CRM.
+///
+/// Triggers capture every change of accounts, leads, projects and activities into an
+/// outbox in the same transaction; a relay moves events to a queue; workers apply them
+/// exactly once to pre-aggregated tables in schema `analytics`. Start with `demo`.
+#[derive(Debug, Parser)]
+#[command(name = "crm-analytics", version, about, long_about)]
+pub struct Cli {
+    #[command(flatten)]
+    pub db: DatabaseArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Install or upgrade our schemas and attach the capture triggers (idempotent).
+    Migrate {
+        /// Also create the reference CRM tables if they do not exist (demos and tests).
+        #[arg(long)]
+        create_crm_schema: bool,
+    },
+    /// Load rows that existed before capture was attached into the aggregates (exact while
+    /// the CRM keeps writing; safe to run again).
+    Backfill,
+    /// Recompute every aggregate from the CRM tables (when they are suspected corrupt).
+    Rebuild,
+    /// Compare the aggregates with a full recomputation; exit code 1 if they differ.
+    Verify,
+    /// Run relay and workers in one process until SIGINT/SIGTERM.
+    Run {
+        #[command(flatten)]
+        pipeline: PipelineArgs,
+    },
+    /// Run only the relay (outbox to queue).
+    Relay {
+        #[command(flatten)]
+        pipeline: PipelineArgs,
+    },
+    /// Run only workers (queue to aggregates).
+    Worker {
+        #[command(flatten)]
+        pipeline: PipelineArgs,
+    },
+    /// Show outbox lag, queue depth, failed events and latency.
+    Status {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Inspect and replay events parked after their last attempt.
+    Failed {
+        #[command(subcommand)]
+        action: FailedAction,
+    },
+    /// Run a live demo: a CRM workload with the pipeline attached (needs only PostgreSQL).
+    Demo(demo::DemoArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum FailedAction {
+    /// List parked events, oldest first.
+    List {
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put parked events back on the queue (after fixing the cause).
+    Retry {
+        /// Event ids to replay.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        ids: Vec<Uuid>,
+        /// Replay every parked event.
+        #[arg(long)]
+        all: bool,
+    },
+}
+
+/// Entry point of the binary.
+pub async fn main() -> ExitCode {
+    crate::telemetry::init_logging();
+    let cli = Cli::parse();
+    match dispatch(cli).await {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
+    let db = &cli.db;
+    match cli.command {
+        Command::Migrate { create_crm_schema } => {
+            let crm = crate::db::connect(db.crm_url()?, "DATABASE_URL", 2).await?;
+            let analytics =
+                crate::db::connect(db.analytics_url()?, "ANALYTICS_DATABASE_URL", 2).await?;
+            migrate_all(&crm, &analytics, &db.crm_schema, create_crm_schema).await?;
+        }
+        Command::Backfill | Command::Rebuild => {
+            let crm = crate::db::connect(db.crm_url()?, "DATABASE_URL", 2).await?;
+            let analytics =
+                crate::db::connect(db.analytics_url()?, "ANALYTICS_DATABASE_URL", 2).await?;
+            let report = crate::backfill::run(&crm, &analytics, &db.crm_schema, true).await?;
+            println!(
+                "aggregates recomputed from {} CRM rows (snapshot {})",
+                report.crm_rows, report.snapshot
+            );
+        }
+        Command::Verify => {
+            let crm = crate::db::connect(db.crm_url()?, "DATABASE_URL", 2).await?;
+            let analytics =
+                crate::db::connect(db.analytics_url()?, "ANALYTICS_DATABASE_URL", 2).await?;
+            let differences = verify(&crm, &analytics, &db.crm_schema).await?;
+            if differences.is_empty() {
+                println!("aggregates match a full recomputation");
+            } else {
+                for line in &differences {
+                    println!("{line}");
+                }
+                println!(
+                    "{} differences (is the pipeline drained?)",
+                    differences.len()
+                );
+                return Ok(ExitCode::from(1));
+            }
+        }
+        Command::Run { pipeline } => {
+            serve(
+                db,
+                &pipeline,
+                Roles {
+                    relay: true,
+                    workers: true,
+                },
+            )
+            .await?
+        }
+        Command::Relay { pipeline } => {
+            serve(
+                db,
+                &pipeline,
+                Roles {
+                    relay: true,
+                    workers: false,
+                },
+            )
+            .await?
+        }
+        Command::Worker { pipeline } => {
+            serve(
+                db,
+                &pipeline,
+                Roles {
+                    relay: false,
+                    workers: true,
+                },
+            )
+            .await?
+        }
+        Command::Status { json } => {
+            let crm = crate::db::connect(db.crm_url()?, "DATABASE_URL", 2).await?;
+            let analytics =
+                crate::db::connect(db.analytics_url()?, "ANALYTICS_DATABASE_URL", 2).await?;
+            let queue = PostgresQueue::connect(analytics.clone(), u64::MAX).await?;
+            let status = crate::status::read(&crm, &analytics, &queue).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                println!("outbox lag     {} events", status.outbox_lag);
+                println!("queue depth    {} events", status.queue_depth);
+                println!("failed events  {}", status.failed_events);
+                match status.latency_ms {
+                    Some(l) => println!(
+                        "latency        p50 {} ms, p99 {} ms (last 5 minutes)",
+                        l.p50, l.p99
+                    ),
+                    None => println!("latency        no events in the last 5 minutes"),
+                }
+            }
+        }
+        Command::Failed { action } => {
+            let analytics =
+                crate::db::connect(db.analytics_url()?, "ANALYTICS_DATABASE_URL", 2).await?;
+            match action {
+                FailedAction::List { limit, json } => {
+                    let events = failed::list(&analytics, limit).await?;
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&events)?);
+                    } else if events.is_empty() {
+                        println!("no failed events");
+                    } else {
+                        for e in events {
+                            println!(
+                                "{}  {:<18} attempts {}  failed {}  {}",
+                                e.event_id,
+                                e.event_type,
+                                e.retry_count,
+                                e.failed_at.format("%Y-%m-%d %H:%M:%S"),
+                                e.error_message
+                            );
+                        }
+                    }
+                }
+                FailedAction::Retry { ids, all } => {
+                    let queue = PostgresQueue::connect(analytics.clone(), u64::MAX).await?;
+                    let selection = if all {
+                        failed::Selection::All
+                    } else {
+                        failed::Selection::Ids(ids)
+                    };
+                    let report = failed::retry(&analytics, &queue as &dyn Queue, selection).await?;
+                    println!("{} events put back on the queue", report.requeued);
+                    for id in report.not_events {
+                        println!("{id}: not an event (see raw_message); fix or delete it by hand");
+                    }
+                }
+            }
+        }
+        Command::Demo(args) => demo::run(db, args).await?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `migrate`: the CRM side (optionally creating the reference schema), then analytics.
+pub async fn migrate_all(
+    crm: &sqlx::PgPool,
+    analytics: &sqlx::PgPool,
+    crm_schema: &str,
+    create_crm_schema: bool,
+) -> anyhow::Result<()> {
+    if create_crm_schema {
+        crate::capture::create_reference_schema(crm, crm_schema).await?;
+    }
+    let triggers = crate::capture::attach(crm, crm_schema).await?;
+    let applied =
+        crate::migrate::apply(analytics, "analytics", crate::aggregates::MIGRATIONS).await?;
+    tracing::info!(triggers_created = triggers, analytics_migrations = ?applied, "migrated");
+    Ok(())
+}
+
+/// Differences between the aggregates and a recomputation, one line each.
+pub async fn verify(
+    crm: &sqlx::PgPool,
+    analytics: &sqlx::PgPool,
+    crm_schema: &str,
+) -> anyhow::Result<Vec<String>> {
+    use crate::aggregates::recompute;
+    let expected = recompute::compute(&mut *crm.acquire().await?, crm_schema).await?;
+    let actual = recompute::load_current(&mut *analytics.acquire().await?).await?;
+    let mut lines = Vec::new();
+    diff(
+        &mut lines,
+        "daily_account_metrics",
+        &expected.daily,
+        &actual.daily,
+    );
+    diff(
+        &mut lines,
+        "lead_funnel_metrics",
+        &expected.funnel,
+        &actual.funnel,
+    );
+    diff(
+        &mut lines,
+        "revenue_metrics",
+        &expected.revenue,
+        &actual.revenue,
+    );
+    Ok(lines)
+}
+
+fn diff<K: Ord + std::fmt::Debug, V: PartialEq + std::fmt::Debug>(
+    lines: &mut Vec<String>,
+    table: &str,
+    expected: &std::collections::BTreeMap<K, V>,
+    actual: &std::collections::BTreeMap<K, V>,
+) {
+    for (key, want) in expected {
+        match actual.get(key) {
+            Some(have) if have == want => {}
+            have => lines.push(format!(
+                "{table} {key:?}: expected {want:?}, found {have:?}"
+            )),
+        }
+    }
+    for (key, have) in actual {
+        if !expected.contains_key(key) {
+            lines.push(format!("{table} {key:?}: expected no row, found {have:?}"));
+        }
+    }
+}
+
+async fn serve(db: &DatabaseArgs, args: &PipelineArgs, roles: Roles) -> anyhow::Result<()> {
+    let pipeline = Pipeline::connect(db, args).await?;
+    tracing::info!(
+        workers = pipeline.worker.workers,
+        batch_size = args.batch_size,
+        ?roles,
+        "pipeline running"
+    );
+    pipeline.run(roles, shutdown_on_signals()).await
+}

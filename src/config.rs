@@ -1,0 +1,132 @@
+//! Config: every setting, from flags and environment variables, with documented defaults.
+//!
+//! Flags win over environment variables, which win over the defaults below. Each setting's
+//! `--help` text says what it does; the README's configuration table lists the same.
+
+use clap::Args;
+use std::time::Duration;
+
+use crate::archive::Layout;
+
+/// Where the databases are.
+#[derive(Debug, Clone, Args)]
+pub struct DatabaseArgs {
+    /// The CRM's PostgreSQL database (where the outbox and triggers live).
+    #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true)]
+    pub database_url: Option<String>,
+
+    /// The database that holds the aggregates (schema `analytics`) and the queue.
+    /// Defaults to DATABASE_URL.
+    #[arg(
+        long,
+        env = "ANALYTICS_DATABASE_URL",
+        global = true,
+        hide_env_values = true
+    )]
+    pub analytics_database_url: Option<String>,
+
+    /// Schema of the CRM tables accounts, leads, projects and activities.
+    #[arg(long, env = "CRM_ANALYTICS_CRM_SCHEMA", default_value = "public", global = true,
+          value_parser = parse_identifier)]
+    pub crm_schema: String,
+}
+
+impl DatabaseArgs {
+    /// The CRM database URL, or an error that names the setting and the fix.
+    pub fn crm_url(&self) -> anyhow::Result<&str> {
+        self.database_url.as_deref().ok_or_else(|| {
+            anyhow::anyhow!(
+                "DATABASE_URL is not set: set it (or pass --database-url) to the CRM database, \
+                 for example postgres://postgres@127.0.0.1:5432/crm"
+            )
+        })
+    }
+
+    pub fn analytics_url(&self) -> anyhow::Result<&str> {
+        match &self.analytics_database_url {
+            Some(url) => Ok(url),
+            None => self.crm_url(),
+        }
+    }
+}
+
+/// How the pipeline runs.
+#[derive(Debug, Clone, Args)]
+pub struct PipelineArgs {
+    /// Events per relay claim and per worker batch.
+    #[arg(long, env = "CRM_ANALYTICS_BATCH_SIZE", default_value_t = 1000,
+          value_parser = clap::value_parser!(u32).range(1..=50_000))]
+    pub batch_size: u32,
+
+    /// Concurrent workers in this process (default: the number of CPU cores).
+    #[arg(long, env = "CRM_ANALYTICS_WORKERS", value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub workers: Option<u32>,
+
+    /// Safety-net poll interval when no notification arrives (e.g. 500ms, 2s).
+    #[arg(long, env = "CRM_ANALYTICS_POLL_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    pub poll_interval: Duration,
+
+    /// Failed attempts after which an event is parked in failed_events.
+    #[arg(long, env = "CRM_ANALYTICS_MAX_ATTEMPTS", default_value_t = 3,
+          value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub max_attempts: u32,
+
+    /// Delay before the first retry; doubles each attempt, with full jitter.
+    #[arg(long, env = "CRM_ANALYTICS_RETRY_BACKOFF", default_value = "1s", value_parser = parse_duration)]
+    pub retry_backoff: Duration,
+
+    /// Events the queue holds before the relay waits for the workers (backpressure).
+    #[arg(long, env = "CRM_ANALYTICS_QUEUE_CAPACITY", default_value_t = 200_000)]
+    pub queue_capacity: u64,
+
+    /// Keep relayed outbox rows this long in crm_analytics.event_outbox_processed
+    /// (0s: delete them as soon as they are relayed; the archive keeps the history).
+    #[arg(long, env = "CRM_ANALYTICS_OUTBOX_RETENTION", default_value = "0s", value_parser = parse_duration)]
+    pub outbox_retention: Duration,
+
+    /// How long applied event ids are remembered to drop duplicate deliveries.
+    #[arg(long, env = "CRM_ANALYTICS_DEDUP_RETENTION", default_value = "7d", value_parser = parse_duration)]
+    pub dedup_retention: Duration,
+
+    /// Where raw events are archived: a folder, file:///path, s3://bucket/prefix, or "none".
+    #[arg(
+        long,
+        env = "CRM_ANALYTICS_ARCHIVE",
+        default_value = "./crm-analytics-archive"
+    )]
+    pub archive: String,
+
+    /// Archive objects: one per batch, table and day (batch), or one per event (event).
+    #[arg(long, env = "CRM_ANALYTICS_ARCHIVE_LAYOUT", value_enum, default_value_t = Layout::Batch)]
+    pub archive_layout: Layout,
+}
+
+impl PipelineArgs {
+    pub fn workers(&self) -> usize {
+        self.workers.map(|w| w as usize).unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2)
+        })
+    }
+}
+
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text)
+        .map_err(|e| format!("{e}; write a duration such as 500ms, 30s, 5m or 7d"))
+}
+
+/// A plain SQL identifier, so that it can be spliced into DDL safely.
+pub fn parse_identifier(text: &str) -> Result<String, String> {
+    let mut chars = text.chars();
+    let valid = matches!(chars.next(), Some(c) if c.is_ascii_lowercase() || c == '_')
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && text.len() <= 63;
+    if valid {
+        Ok(text.to_string())
+    } else {
+        Err(format!(
+            "{text:?} is not a plain lowercase schema name (letters, digits, underscore)"
+        ))
+    }
+}

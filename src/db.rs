@@ -1,0 +1,37 @@
+//! Database connections, with errors that say which setting to fix.
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::PgPool;
+use std::str::FromStr;
+use std::time::Duration;
+
+/// Connects a pool to `url`; `setting` names the variable the URL came from.
+pub async fn connect(url: &str, setting: &str, max_connections: u32) -> anyhow::Result<PgPool> {
+    let options = PgConnectOptions::from_str(url).map_err(|e| {
+        anyhow::anyhow!("{setting} is not a valid PostgreSQL URL ({e}); expected postgres://user:password@host:5432/database")
+    })?;
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect_with(options)
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot connect to PostgreSQL at {} ({setting}): {e}. Start PostgreSQL or fix {setting}",
+                redact(url)
+            )
+        })
+}
+
+/// The URL without its password, for messages and logs.
+pub fn redact(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut parsed) => {
+            if parsed.password().is_some() {
+                let _ = parsed.set_password(Some("***"));
+            }
+            parsed.to_string()
+        }
+        Err(_) => "<unparseable URL>".to_string(),
+    }
+}

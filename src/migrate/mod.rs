@@ -1,0 +1,97 @@
+//! Versioned, idempotent schema migrations.
+//!
+//! Owns the bookkeeping table `crm_analytics.schema_migrations`, one row per applied
+//! version and component ("capture" in the CRM database, "analytics" in the analytics
+//! database). A second run applies nothing; a later release appends migrations.
+
+use sqlx::PgPool;
+
+/// One forward-only schema change.
+pub struct Migration {
+    pub version: i32,
+    pub description: &'static str,
+    pub sql: &'static str,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    #[error("migration {component} v{version} ({description}) failed: {source}")]
+    Step {
+        component: &'static str,
+        version: i32,
+        description: &'static str,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("could not record migrations of {component}: {source}")]
+    Bookkeeping {
+        component: &'static str,
+        #[source]
+        source: sqlx::Error,
+    },
+}
+
+/// Applies the migrations of `component` not applied yet, in one transaction, under an
+/// advisory lock so that two `migrate` runs at once do not race. Returns the versions applied.
+pub async fn apply(
+    pool: &PgPool,
+    component: &'static str,
+    migrations: &[Migration],
+) -> Result<Vec<i32>, MigrateError> {
+    let book = |source| MigrateError::Bookkeeping { component, source };
+    let mut tx = pool.begin().await.map_err(book)?;
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext('crm_analytics.migrate'))")
+        .execute(&mut *tx)
+        .await
+        .map_err(book)?;
+    sqlx::raw_sql(
+        "CREATE SCHEMA IF NOT EXISTS crm_analytics;
+         REVOKE ALL ON SCHEMA crm_analytics FROM PUBLIC;
+         CREATE TABLE IF NOT EXISTS crm_analytics.schema_migrations (
+             component text NOT NULL,
+             version integer NOT NULL,
+             description text NOT NULL,
+             applied_at timestamptz NOT NULL DEFAULT now(),
+             PRIMARY KEY (component, version)
+         );",
+    )
+    .execute(&mut *tx)
+    .await
+    .map_err(book)?;
+    let current: Option<i32> = sqlx::query_scalar(
+        "SELECT max(version) FROM crm_analytics.schema_migrations WHERE component = $1",
+    )
+    .bind(component)
+    .fetch_one(&mut *tx)
+    .await
+    .map_err(book)?;
+    let mut applied = Vec::new();
+    for migration in migrations
+        .iter()
+        .filter(|m| m.version > current.unwrap_or(0))
+    {
+        let step = |source| MigrateError::Step {
+            component,
+            version: migration.version,
+            description: migration.description,
+            source,
+        };
+        sqlx::raw_sql(migration.sql)
+            .execute(&mut *tx)
+            .await
+            .map_err(step)?;
+        sqlx::query(
+            "INSERT INTO crm_analytics.schema_migrations (component, version, description)
+             VALUES ($1, $2, $3)",
+        )
+        .bind(component)
+        .bind(migration.version)
+        .bind(migration.description)
+        .execute(&mut *tx)
+        .await
+        .map_err(step)?;
+        applied.push(migration.version);
+    }
+    tx.commit().await.map_err(book)?;
+    Ok(applied)
+}

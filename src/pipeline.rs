@@ -1,0 +1,184 @@
+//! Pipeline: wires the stages together in one process (relay, workers, maintenance) from
+//! the settings, and stops them gracefully: a batch under way finishes or is released.
+
+use clap::Parser;
+use sqlx::PgPool;
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+
+use crate::archive::Archive;
+use crate::config::{DatabaseArgs, PipelineArgs};
+use crate::maintenance::{self, MaintenanceConfig};
+use crate::queue::{postgres::PostgresQueue, Queue};
+use crate::relay::{self, RelayConfig};
+use crate::worker::{self, apply::Applier, WorkerConfig};
+
+/// Which stages a process runs.
+#[derive(Debug, Clone, Copy)]
+pub struct Roles {
+    pub relay: bool,
+    pub workers: bool,
+}
+
+pub struct Pipeline {
+    pub crm: PgPool,
+    pub analytics: PgPool,
+    pub queue: Arc<dyn Queue>,
+    pub applier: Arc<Applier>,
+    pub relay: RelayConfig,
+    pub worker: WorkerConfig,
+    pub maintenance: MaintenanceConfig,
+}
+
+#[derive(Parser)]
+struct DefaultsOnly {
+    #[command(flatten)]
+    pipeline: PipelineArgs,
+}
+
+impl PipelineArgs {
+    /// The defaults (and CRM_ANALYTICS_* variables), as if no flag were given.
+    pub fn from_env() -> Self {
+        DefaultsOnly::parse_from(["crm-analytics"]).pipeline
+    }
+}
+
+/// Opens the archive named by the settings, or none when it is "none".
+pub fn open_archive(args: &PipelineArgs) -> anyhow::Result<Option<Archive>> {
+    if args.archive.eq_ignore_ascii_case("none") {
+        return Ok(None);
+    }
+    Ok(Some(Archive::open(&args.archive, args.archive_layout)?))
+}
+
+impl Pipeline {
+    pub async fn connect(db: &DatabaseArgs, args: &PipelineArgs) -> anyhow::Result<Self> {
+        let workers = args.workers();
+        let crm = crate::db::connect(db.crm_url()?, "DATABASE_URL", 4).await?;
+        let analytics_setting = if db.analytics_database_url.is_some() {
+            "ANALYTICS_DATABASE_URL"
+        } else {
+            "DATABASE_URL"
+        };
+        let analytics = crate::db::connect(
+            db.analytics_url()?,
+            analytics_setting,
+            (workers * 2 + 4) as u32,
+        )
+        .await?;
+        let queue: Arc<dyn Queue> =
+            Arc::new(PostgresQueue::connect(analytics.clone(), args.queue_capacity).await?);
+        Self::assemble(crm, analytics, queue, args)
+    }
+
+    /// Builds a pipeline over given pools and queue (tests substitute their own queue).
+    pub fn assemble(
+        crm: PgPool,
+        analytics: PgPool,
+        queue: Arc<dyn Queue>,
+        args: &PipelineArgs,
+    ) -> anyhow::Result<Self> {
+        let applier = Arc::new(Applier {
+            pool: analytics.clone(),
+            archive: open_archive(args)?,
+        });
+        Ok(Self {
+            crm,
+            analytics,
+            queue,
+            applier,
+            relay: RelayConfig {
+                batch_size: args.batch_size as usize,
+                poll_interval: args.poll_interval,
+                outbox_retention: args.outbox_retention,
+            },
+            worker: WorkerConfig {
+                workers: args.workers(),
+                batch_size: args.batch_size as usize,
+                poll_interval: args.poll_interval,
+                max_attempts: args.max_attempts,
+                retry_backoff: args.retry_backoff,
+            },
+            maintenance: MaintenanceConfig {
+                outbox_retention: args.outbox_retention,
+                dedup_retention: args.dedup_retention,
+            },
+        })
+    }
+
+    /// Runs the chosen stages until `shutdown` is cancelled, then waits for them to stop.
+    pub async fn run(&self, roles: Roles, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let mut tasks = tokio::task::JoinSet::new();
+        if roles.relay {
+            let (crm, queue, config, stop) = (
+                self.crm.clone(),
+                self.queue.clone(),
+                self.relay.clone(),
+                shutdown.clone(),
+            );
+            tasks.spawn(async move { relay::run(crm, queue, config, stop).await });
+        }
+        if roles.workers {
+            let (queue, applier, config, stop) = (
+                self.queue.clone(),
+                self.applier.clone(),
+                self.worker.clone(),
+                shutdown.clone(),
+            );
+            tasks.spawn(async move {
+                worker::run(queue, applier, config, stop).await;
+                Ok(())
+            });
+            let (crm, analytics, config, stop) = (
+                self.crm.clone(),
+                self.analytics.clone(),
+                self.maintenance.clone(),
+                shutdown.clone(),
+            );
+            tasks.spawn(async move {
+                maintenance::run(crm, analytics, config, stop).await;
+                Ok(())
+            });
+        }
+        let mut result = Ok(());
+        while let Some(joined) = tasks.join_next().await {
+            let outcome = joined.map_err(anyhow::Error::from).and_then(|r| r);
+            if let Err(error) = outcome {
+                // One stage failing to start stops the others: better down than half-up.
+                shutdown.cancel();
+                result = Err(error);
+            }
+        }
+        result
+    }
+}
+
+/// A token cancelled on SIGINT or SIGTERM.
+pub fn shutdown_on_signals() -> CancellationToken {
+    let token = CancellationToken::new();
+    let trigger = token.clone();
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(term) => term,
+                    Err(_) => {
+                        let _ = ctrl_c.await;
+                        trigger.cancel();
+                        return;
+                    }
+                };
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = ctrl_c.await;
+        tracing::info!("stopping: finishing the batches under way");
+        trigger.cancel();
+    });
+    token
+}

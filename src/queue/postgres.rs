@@ -1,0 +1,164 @@
+//! The embedded queue backend: a table in the analytics database, nothing to install.
+//!
+//! Receiving locks rows with `FOR UPDATE SKIP LOCKED` inside a transaction held by the
+//! batch: concurrent workers never see the same row, and a worker that dies releases its
+//! rows by rolling back. Settling deletes what is done and reschedules what is retried.
+
+use async_trait::async_trait;
+use sqlx::{PgPool, Postgres, Transaction};
+use std::time::Duration;
+use uuid::Uuid;
+
+use super::{Delivery, Queue, QueueError, ReceivedBatch, Settlement};
+use crate::event::Envelope;
+use crate::listen::ChannelWatcher;
+
+pub const QUEUE_CHANNEL: &str = "crm_analytics_queue";
+
+pub struct PostgresQueue {
+    pool: PgPool,
+    capacity: u64,
+    watcher: ChannelWatcher,
+}
+
+impl PostgresQueue {
+    /// `capacity` bounds the events waiting in the table before publishers hold back.
+    pub async fn connect(pool: PgPool, capacity: u64) -> Result<Self, QueueError> {
+        let watcher = ChannelWatcher::start(&pool, QUEUE_CHANNEL).await?;
+        Ok(Self {
+            pool,
+            capacity,
+            watcher,
+        })
+    }
+}
+
+#[async_trait]
+impl Queue for PostgresQueue {
+    async fn publish(&self, events: &[Envelope]) -> Result<(), QueueError> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<Uuid> = events.iter().map(|e| e.event_id).collect();
+        let bodies: Vec<String> = events.iter().map(Envelope::to_json).collect();
+        // One statement: insert the batch and wake the workers when it commits.
+        sqlx::query(
+            "WITH inserted AS (
+                INSERT INTO crm_analytics.queue (event_id, body)
+                SELECT * FROM unnest($1::uuid[], $2::text[])
+                RETURNING 1
+             )
+             SELECT pg_notify($3, '') FROM (SELECT count(*) FROM inserted) n",
+        )
+        .bind(&ids)
+        .bind(&bodies)
+        .bind(QUEUE_CHANNEL)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn receive(&self, max: usize) -> Result<Box<dyn ReceivedBatch>, QueueError> {
+        let mut tx = self.pool.begin().await?;
+        let rows: Vec<(i64, Uuid, String, i32)> = sqlx::query_as(
+            "SELECT id, event_id, body, attempts FROM crm_analytics.queue
+             WHERE available_at <= now()
+             ORDER BY id
+             LIMIT $1
+             FOR UPDATE SKIP LOCKED",
+        )
+        .bind(max as i64)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut ids = Vec::with_capacity(rows.len());
+        let mut deliveries = Vec::with_capacity(rows.len());
+        for (id, event_id, body, attempts) in rows {
+            ids.push(id);
+            deliveries.push(Delivery {
+                event_id: Some(event_id),
+                body,
+                attempt: attempts.max(0) as u32 + 1,
+            });
+        }
+        Ok(Box::new(PostgresBatch {
+            tx,
+            ids,
+            deliveries,
+        }))
+    }
+
+    fn epoch(&self) -> u64 {
+        self.watcher.epoch()
+    }
+
+    async fn wait_for_messages(&self, seen: u64, timeout: Duration) {
+        self.watcher.wait(seen, timeout).await
+    }
+
+    async fn depth(&self) -> Result<u64, QueueError> {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM crm_analytics.queue")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(n as u64)
+    }
+
+    async fn is_full(&self) -> Result<bool, QueueError> {
+        // Two index probes instead of a count: the id span bounds the rows from above.
+        let span: Option<i64> =
+            sqlx::query_scalar("SELECT max(id) - min(id) + 1 FROM crm_analytics.queue")
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(span.unwrap_or(0) as u64 >= self.capacity)
+    }
+}
+
+struct PostgresBatch {
+    tx: Transaction<'static, Postgres>,
+    ids: Vec<i64>,
+    deliveries: Vec<Delivery>,
+}
+
+#[async_trait]
+impl ReceivedBatch for PostgresBatch {
+    fn deliveries(&self) -> &[Delivery] {
+        &self.deliveries
+    }
+
+    async fn settle(mut self: Box<Self>, settlement: Settlement) -> Result<(), QueueError> {
+        if self.ids.is_empty() {
+            return Ok(());
+        }
+        let done: Vec<i64> = settlement.done.iter().map(|&i| self.ids[i]).collect();
+        if !done.is_empty() {
+            sqlx::query("DELETE FROM crm_analytics.queue WHERE id = ANY($1)")
+                .bind(&done)
+                .execute(&mut *self.tx)
+                .await?;
+        }
+        if !settlement.retry.is_empty() {
+            let mut ids = Vec::with_capacity(settlement.retry.len());
+            let mut delays = Vec::with_capacity(settlement.retry.len());
+            let mut errors = Vec::with_capacity(settlement.retry.len());
+            for (i, delay, error) in settlement.retry {
+                ids.push(self.ids[i]);
+                delays.push(delay.as_millis() as i64);
+                errors.push(error);
+            }
+            sqlx::query(
+                "UPDATE crm_analytics.queue q
+                 SET attempts = q.attempts + 1,
+                     available_at = now() + r.delay_ms * interval '1 millisecond',
+                     last_error = r.error
+                 FROM unnest($1::int8[], $2::int8[], $3::text[]) AS r(id, delay_ms, error)
+                 WHERE q.id = r.id",
+            )
+            .bind(&ids)
+            .bind(&delays)
+            .bind(&errors)
+            .execute(&mut *self.tx)
+            .await?;
+        }
+        self.tx.commit().await?;
+        Ok(())
+    }
+}

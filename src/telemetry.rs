@@ -1,0 +1,17 @@
+//! Telemetry: structured logs through `tracing`, human-readable on a terminal and JSON
+//! with CRM_ANALYTICS_LOG_FORMAT=json. RUST_LOG filters (default: info).
+
+use tracing_subscriber::{fmt, EnvFilter};
+
+pub fn init_logging() {
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx=error"));
+    let json =
+        std::env::var("CRM_ANALYTICS_LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json"));
+    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = if json {
+        builder.json().flatten_event(true).try_init()
+    } else {
+        builder.compact().try_init()
+    };
+}

@@ -1,0 +1,156 @@
+//! Applying one batch of decoded events in one analytics transaction: idempotency record,
+//! aggregate deltas, event counts, latency histogram and archive, all or nothing.
+
+use chrono::Utc;
+use sqlx::PgPool;
+use std::collections::{BTreeMap, HashSet};
+use uuid::Uuid;
+
+use crate::aggregates::{apply::write_deltas, delta::Deltas, rows::ChangeEvent};
+use crate::archive::{Archive, ArchiveError, ArchivedEvent};
+use crate::backfill::{Snapshot, BACKFILL_LOCK};
+
+/// A delivery that decoded into an event, with the raw JSON to archive.
+pub struct Prepared {
+    pub index: usize,
+    pub event: ChangeEvent,
+    pub json: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// The infrastructure failed (connection, deadlock, archive): retry the whole batch
+    /// later without holding any event responsible.
+    #[error("transient failure: {0}")]
+    Transient(String),
+    /// Concurrent transactions collided (deadlock, serialization): try again at once.
+    #[error("conflict with a concurrent transaction: {0}")]
+    Conflict(String),
+    /// The database rejected what these events asked for.
+    #[error("{0}")]
+    Rejected(String),
+}
+
+impl From<sqlx::Error> for ApplyError {
+    fn from(error: sqlx::Error) -> Self {
+        let code = match &error {
+            sqlx::Error::Database(db) => db.code().map(|c| c.to_string()).unwrap_or_default(),
+            _ => return ApplyError::Transient(error.to_string()),
+        };
+        // 40: transaction rollback (deadlock, serialization); 53: insufficient resources;
+        // 57: operator intervention (shutdown); 08: connection. Anything else is the data.
+        match &code[..code.len().min(2)] {
+            "40" => ApplyError::Conflict(error.to_string()),
+            "53" | "57" | "08" => ApplyError::Transient(error.to_string()),
+            _ => ApplyError::Rejected(error.to_string()),
+        }
+    }
+}
+
+impl From<ArchiveError> for ApplyError {
+    fn from(error: ArchiveError) -> Self {
+        ApplyError::Transient(error.to_string())
+    }
+}
+
+/// What one successful transaction did.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Applied {
+    /// Events applied for the first time.
+    pub fresh: usize,
+    /// Deliveries dropped as duplicates of events applied before.
+    pub duplicates: usize,
+    pub archive_objects: usize,
+}
+
+pub struct Applier {
+    pub pool: PgPool,
+    pub archive: Option<Archive>,
+}
+
+/// Latency histogram bucket of a duration in milliseconds: ceil(log_1.25(ms)).
+pub fn latency_bucket(ms: f64) -> i32 {
+    if ms <= 1.0 {
+        0
+    } else {
+        (ms.ln() / 1.25f64.ln()).ceil() as i32
+    }
+}
+
+impl Applier {
+    pub async fn apply(&self, events: &[&Prepared]) -> Result<Applied, ApplyError> {
+        let mut tx = self.pool.begin().await?;
+        // Shared with other workers, exclusive for backfill: a rebuild never interleaves.
+        sqlx::query("SELECT pg_advisory_xact_lock_shared($1)")
+            .bind(BACKFILL_LOCK)
+            .execute(&mut *tx)
+            .await?;
+        let watermark: Option<String> =
+            sqlx::query_scalar("SELECT snapshot FROM crm_analytics.snapshot_watermark")
+                .fetch_optional(&mut *tx)
+                .await?;
+        let watermark = watermark.as_deref().and_then(Snapshot::parse);
+
+        let ids: Vec<Uuid> = events.iter().map(|p| p.event.event_id).collect();
+        let fresh: HashSet<Uuid> = sqlx::query_scalar(
+            "INSERT INTO crm_analytics.applied_events (event_id)
+             SELECT unnest($1::uuid[])
+             ON CONFLICT (event_id) DO NOTHING
+             RETURNING event_id",
+        )
+        .bind(&ids)
+        .fetch_all(&mut *tx)
+        .await?
+        .into_iter()
+        .collect();
+
+        let now = Utc::now();
+        let mut deltas = Deltas::default();
+        let mut latency: BTreeMap<i32, i64> = BTreeMap::new();
+        let mut seen = HashSet::with_capacity(fresh.len());
+        let mut to_archive = Vec::with_capacity(fresh.len());
+        for prepared in events {
+            let event = &prepared.event;
+            if !fresh.contains(&event.event_id) || !seen.insert(event.event_id) {
+                continue;
+            }
+            deltas.count_processed(event);
+            // Events the last rebuild's snapshot already saw are in the aggregates already.
+            if !watermark.as_ref().is_some_and(|s| s.sees(event.xid)) {
+                deltas.add_event(event);
+            }
+            let ms = (now - event.created_at).num_microseconds().unwrap_or(0) as f64 / 1000.0;
+            *latency.entry(latency_bucket(ms)).or_default() += 1;
+            to_archive.push(ArchivedEvent {
+                event_id: event.event_id,
+                date: event.date(),
+                table: event.table,
+                json: &prepared.json,
+            });
+        }
+        deltas.prune_zeros();
+        write_deltas(&mut tx, &deltas).await?;
+        if !latency.is_empty() {
+            let (buckets, counts): (Vec<i32>, Vec<i64>) = latency.into_iter().unzip();
+            sqlx::query(
+                "INSERT INTO crm_analytics.latency_histogram AS h (minute, bucket, events)
+                 SELECT date_trunc('minute', now()), b, n FROM unnest($1::int4[], $2::int8[]) AS u(b, n)
+                 ON CONFLICT (minute, bucket) DO UPDATE SET events = h.events + excluded.events",
+            )
+            .bind(&buckets)
+            .bind(&counts)
+            .execute(&mut *tx)
+            .await?;
+        }
+        let archive_objects = match (&self.archive, to_archive.is_empty()) {
+            (Some(archive), false) => archive.write(&to_archive).await?,
+            _ => 0,
+        };
+        tx.commit().await?;
+        Ok(Applied {
+            fresh: seen.len(),
+            duplicates: events.len() - seen.len(),
+            archive_objects,
+        })
+    }
+}

@@ -1,0 +1,234 @@
+//! Workers: consume batches from the queue and apply them exactly once in effect.
+//!
+//! Owns the worker pool loop, the per-batch decision (decode, apply, isolate a failing event
+//! by splitting the batch, retry with exponential backoff and jitter, park after the last
+//! attempt) and the failed-events operations. One bad event never blocks the others.
+
+pub mod apply;
+pub mod failed;
+
+use rand::Rng;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+use crate::aggregates::rows::decode;
+use crate::event::Envelope;
+use crate::queue::{Queue, ReceivedBatch, Settlement};
+use apply::{Applier, ApplyError, Prepared};
+use failed::DeadLetter;
+
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    pub workers: usize,
+    pub batch_size: usize,
+    pub poll_interval: Duration,
+    pub max_attempts: u32,
+    pub retry_backoff: Duration,
+}
+
+/// Totals of one batch, for logs and metrics.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct BatchReport {
+    pub received: usize,
+    pub applied: usize,
+    pub duplicates: usize,
+    pub retried: usize,
+    pub parked: usize,
+}
+
+/// Runs `config.workers` workers until `shutdown` is cancelled; each finishes its batch.
+pub async fn run(
+    queue: Arc<dyn Queue>,
+    applier: Arc<Applier>,
+    config: WorkerConfig,
+    shutdown: CancellationToken,
+) {
+    let mut tasks = tokio::task::JoinSet::new();
+    for worker in 0..config.workers {
+        let (queue, applier, config, shutdown) = (
+            queue.clone(),
+            applier.clone(),
+            config.clone(),
+            shutdown.clone(),
+        );
+        tasks.spawn(async move { work(worker, &*queue, &applier, &config, &shutdown).await });
+    }
+    while tasks.join_next().await.is_some() {}
+}
+
+async fn work(
+    worker: usize,
+    queue: &dyn Queue,
+    applier: &Applier,
+    config: &WorkerConfig,
+    shutdown: &CancellationToken,
+) {
+    let mut failures = 0u32;
+    while !shutdown.is_cancelled() {
+        let epoch = queue.epoch();
+        let outcome = match queue.receive(config.batch_size).await {
+            Ok(batch) if batch.deliveries().is_empty() => {
+                drop(batch);
+                tokio::select! {
+                    _ = shutdown.cancelled() => {}
+                    _ = queue.wait_for_messages(epoch, config.poll_interval) => {}
+                }
+                continue;
+            }
+            Ok(batch) => handle(batch, applier, config).await,
+            Err(error) => Err(anyhow::Error::from(error)),
+        };
+        match outcome {
+            Ok(report) => {
+                failures = 0;
+                tracing::debug!(worker, ?report, "batch done");
+            }
+            Err(error) => {
+                // The batch was not settled: its events go back to the queue untouched.
+                failures = failures.saturating_add(1);
+                let pause = backoff(config.retry_backoff, failures);
+                tracing::warn!(worker, %error, pause_ms = pause.as_millis() as u64, "batch failed; will retry");
+                tokio::select! {
+                    _ = shutdown.cancelled() => {}
+                    _ = tokio::time::sleep(pause) => {}
+                }
+            }
+        }
+    }
+}
+
+/// Exponential backoff with full jitter: uniform in [base/2, base * 2^(attempt-1)], capped.
+pub fn backoff(base: Duration, attempt: u32) -> Duration {
+    let ceiling = base
+        .saturating_mul(1u32 << attempt.saturating_sub(1).min(16))
+        .min(Duration::from_secs(300));
+    let floor = (base / 2).min(ceiling);
+    rand::thread_rng().gen_range(floor..=ceiling)
+}
+
+/// Processes one received batch and settles it. An error means the batch was left
+/// unsettled (the infrastructure failed, not an event) and will be delivered again.
+pub async fn handle(
+    batch: Box<dyn ReceivedBatch>,
+    applier: &Applier,
+    config: &WorkerConfig,
+) -> anyhow::Result<BatchReport> {
+    let deliveries = batch.deliveries();
+    let mut report = BatchReport {
+        received: deliveries.len(),
+        ..Default::default()
+    };
+    let mut prepared = Vec::with_capacity(deliveries.len());
+    let mut envelopes = Vec::with_capacity(deliveries.len());
+    // Deliveries that failed this attempt, with the reason.
+    let mut failures: Vec<(usize, String)> = Vec::new();
+    for (index, delivery) in deliveries.iter().enumerate() {
+        match Envelope::from_json(&delivery.body) {
+            Err(error) => {
+                envelopes.push(None);
+                failures.push((index, format!("not an event envelope: {error}")));
+            }
+            Ok(envelope) => {
+                match decode(&envelope) {
+                    Ok(event) => prepared.push(Prepared {
+                        index,
+                        event,
+                        json: delivery.body.clone(),
+                    }),
+                    Err(error) => failures.push((index, error)),
+                }
+                envelopes.push(Some(envelope));
+            }
+        }
+    }
+
+    let refs: Vec<&Prepared> = prepared.iter().collect();
+    let mut applied_ok = Vec::new();
+    apply_isolating(applier, &refs, &mut applied_ok, &mut failures, &mut report).await?;
+
+    let mut settlement = Settlement {
+        done: applied_ok,
+        retry: Vec::new(),
+    };
+    let mut letters = Vec::new();
+    for (index, error) in failures {
+        let attempt = deliveries[index].attempt;
+        if attempt >= config.max_attempts {
+            letters.push((
+                index,
+                match &envelopes[index] {
+                    Some(envelope) => DeadLetter::from_envelope(envelope, error, attempt),
+                    None => DeadLetter::from_raw(
+                        deliveries[index].event_id,
+                        &deliveries[index].body,
+                        error,
+                        attempt,
+                    ),
+                },
+            ));
+        } else {
+            tracing::info!(attempt, %error, "event failed; retrying later");
+            settlement
+                .retry
+                .push((index, backoff(config.retry_backoff, attempt), error));
+        }
+    }
+    if !letters.is_empty() {
+        let dead: Vec<DeadLetter> = letters.iter().map(|(_, l)| l.clone()).collect();
+        failed::park(&applier.pool, &dead).await?;
+        for (index, letter) in letters {
+            tracing::warn!(event_id = %letter.event_id, error = %letter.error_message, "event parked in failed_events");
+            settlement.done.push(index);
+            report.parked += 1;
+        }
+    }
+    report.retried = settlement.retry.len();
+    batch.settle(settlement).await?;
+    Ok(report)
+}
+
+type Pending<'a> = Pin<Box<dyn Future<Output = Result<(), ApplyError>> + Send + 'a>>;
+
+/// Applies `events` in one transaction; when the database rejects the batch, splits it in
+/// halves until the failing events stand alone. Transient errors abort the whole batch.
+fn apply_isolating<'a>(
+    applier: &'a Applier,
+    events: &'a [&'a Prepared],
+    done: &'a mut Vec<usize>,
+    failures: &'a mut Vec<(usize, String)>,
+    report: &'a mut BatchReport,
+) -> Pending<'a> {
+    Box::pin(async move {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let mut attempts = 0;
+        loop {
+            match applier.apply(events).await {
+                Ok(applied) => {
+                    report.applied += applied.fresh;
+                    report.duplicates += applied.duplicates;
+                    done.extend(events.iter().map(|p| p.index));
+                    return Ok(());
+                }
+                // A deadlock or serialization failure clears up on its own: try again now.
+                Err(ApplyError::Conflict(_)) if attempts < 5 => attempts += 1,
+                Err(error @ (ApplyError::Conflict(_) | ApplyError::Transient(_))) => {
+                    return Err(error)
+                }
+                Err(ApplyError::Rejected(error)) if events.len() == 1 => {
+                    failures.push((events[0].index, error));
+                    return Ok(());
+                }
+                Err(ApplyError::Rejected(_)) => {
+                    let (left, right) = events.split_at(events.len() / 2);
+                    apply_isolating(applier, left, done, failures, report).await?;
+                    return apply_isolating(applier, right, done, failures, report).await;
+                }
+            }
+        }
+    })
+}
