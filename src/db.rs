@@ -1,7 +1,7 @@
 //! Database connections, with errors that say which setting to fix.
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::PgPool;
+use sqlx::{Connection, PgConnection, PgPool};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -10,17 +10,26 @@ pub async fn connect(url: &str, setting: &str, max_connections: u32) -> anyhow::
     let options = PgConnectOptions::from_str(url).map_err(|e| {
         anyhow::anyhow!("{setting} is not a valid PostgreSQL URL ({e}); expected postgres://user:password@host:5432/database")
     })?;
+    let unreachable = |e: sqlx::Error| {
+        anyhow::anyhow!(
+            "cannot connect to PostgreSQL at {} ({setting}): {e}. Start PostgreSQL or fix {setting}",
+            redact(url)
+        )
+    };
+    // One direct attempt first, so that a wrong address fails at once instead of after the
+    // pool's acquire timeout.
+    PgConnection::connect_with(&options)
+        .await
+        .map_err(unreachable)?
+        .close()
+        .await
+        .map_err(unreachable)?;
     PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(Duration::from_secs(10))
         .connect_with(options)
         .await
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "cannot connect to PostgreSQL at {} ({setting}): {e}. Start PostgreSQL or fix {setting}",
-                redact(url)
-            )
-        })
+        .map_err(unreachable)
 }
 
 /// The URL without its password, for messages and logs.

@@ -1,0 +1,208 @@
+//! Capture: the outbox is written in the CRM transaction, and only by our triggers.
+
+mod common;
+
+use common::TestDb;
+use serde_json::Value;
+
+#[tokio::test]
+async fn migrate_is_idempotent_and_versioned() {
+    let (db, pool) = TestDb::migrated().await;
+    let catalog = "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                   WHERE n.nspname IN ('crm_analytics', 'analytics')";
+    let objects_before: i64 = sqlx::query_scalar(catalog).fetch_one(&pool).await.unwrap();
+    let triggers_before: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'crm_analytics%'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        triggers_before, 16,
+        "four triggers on each of the four tables"
+    );
+
+    let created = crm_analytics::capture::attach(&pool, "public")
+        .await
+        .unwrap();
+    assert_eq!(created, 0, "a second run creates no trigger");
+    let applied =
+        crm_analytics::migrate::apply(&pool, "analytics", crm_analytics::aggregates::MIGRATIONS)
+            .await
+            .unwrap();
+    assert!(applied.is_empty(), "a second run applies no migration");
+    let objects_after: i64 = sqlx::query_scalar(catalog).fetch_one(&pool).await.unwrap();
+    assert_eq!(objects_before, objects_after);
+    let versions: Vec<(String, i32)> =
+        sqlx::query_as("SELECT component, version FROM crm_analytics.schema_migrations ORDER BY 1")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        versions,
+        vec![("analytics".into(), 1), ("capture".into(), 1)]
+    );
+    pool.close().await;
+    db.drop_db().await;
+}
+
+#[tokio::test]
+async fn migrate_names_what_is_missing_when_the_crm_is_absent() {
+    let db = TestDb::create().await;
+    let output = std::process::Command::new(common::binary())
+        .arg("migrate")
+        .env("DATABASE_URL", &db.url)
+        .env_remove("ANALYTICS_DATABASE_URL")
+        .output()
+        .expect("run migrate");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("missing table accounts"), "{stderr}");
+    assert!(stderr.contains("--create-crm-schema"), "{stderr}");
+
+    let output = std::process::Command::new(common::binary())
+        .arg("migrate")
+        .env("DATABASE_URL", "postgres://postgres@127.0.0.1:1/nowhere")
+        .output()
+        .expect("run migrate");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("cannot connect to PostgreSQL") && stderr.contains("DATABASE_URL"),
+        "{stderr}"
+    );
+    db.drop_db().await;
+}
+
+#[tokio::test]
+async fn a_commit_writes_old_and_new_images_and_a_rollback_writes_nothing() {
+    let (db, pool) = TestDb::migrated().await;
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query("INSERT INTO accounts (name) VALUES ('Rolled back')")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx.rollback().await.unwrap();
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM crm_analytics.event_outbox")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(n, 0, "a rolled-back change leaves no event");
+
+    let account: uuid::Uuid =
+        sqlx::query_scalar("INSERT INTO accounts (name) VALUES ('Acme') RETURNING id")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    sqlx::query("UPDATE accounts SET name = 'Acme Inc' WHERE id = $1")
+        .bind(account)
+        .execute(&pool)
+        .await
+        .unwrap();
+    // An UPDATE that changes nothing is not captured.
+    sqlx::query("UPDATE accounts SET name = name WHERE id = $1")
+        .bind(account)
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::query("DELETE FROM accounts WHERE id = $1")
+        .bind(account)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let events: Vec<(String, Option<uuid::Uuid>, Value)> = sqlx::query_as(
+        "SELECT event_type, aggregate_id, payload FROM crm_analytics.event_outbox ORDER BY xid, created_at",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let types: Vec<&str> = events.iter().map(|e| e.0.as_str()).collect();
+    assert_eq!(
+        types,
+        ["accounts.insert", "accounts.update", "accounts.delete"]
+    );
+    assert!(events.iter().all(|e| e.1 == Some(account)));
+    assert_eq!(events[0].2["new"]["name"], "Acme");
+    assert!(events[0].2.get("old").is_none());
+    assert_eq!(events[1].2["old"]["name"], "Acme");
+    assert_eq!(events[1].2["new"]["name"], "Acme Inc");
+    assert_eq!(events[2].2["old"]["name"], "Acme Inc");
+    // Row images are in UTC whatever the session's time zone.
+    assert!(events[0].2["new"]["created_at"]
+        .as_str()
+        .unwrap()
+        .ends_with("+00:00"));
+    pool.close().await;
+    db.drop_db().await;
+}
+
+#[tokio::test]
+async fn an_application_role_writes_the_crm_but_cannot_read_the_outbox() {
+    let (db, pool) = TestDb::migrated().await;
+    let role = format!("crm_app_{}", &db.name[db.name.len() - 8..]);
+    sqlx::raw_sql(&format!(
+        "CREATE ROLE {role} LOGIN;
+         GRANT USAGE ON SCHEMA public TO {role};
+         GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role};"
+    ))
+    .execute(&pool)
+    .await
+    .unwrap();
+    let mut app = pool.acquire().await.unwrap();
+    sqlx::raw_sql(&format!("SET ROLE {role}"))
+        .execute(&mut *app)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO accounts (name) VALUES ('Written by the app')")
+        .execute(&mut *app)
+        .await
+        .expect("the application role writes the CRM through the capture trigger");
+    let denied = sqlx::query("SELECT * FROM crm_analytics.event_outbox")
+        .execute(&mut *app)
+        .await
+        .expect_err("the outbox is not readable by the application role");
+    assert!(denied.to_string().contains("permission denied"), "{denied}");
+    let denied = sqlx::query("SELECT * FROM analytics.daily_account_metrics")
+        .execute(&mut *app)
+        .await;
+    assert!(denied.is_err(), "nor are the analytics tables");
+    sqlx::raw_sql("RESET ROLE")
+        .execute(&mut *app)
+        .await
+        .unwrap();
+    drop(app);
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM crm_analytics.event_outbox")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    pool.close().await;
+    db.drop_db().await;
+    let mut admin = sqlx::Connection::connect(&format!("{}/postgres", common::server_url()))
+        .await
+        .map(|c: sqlx::PgConnection| c)
+        .unwrap();
+    let _ = sqlx::raw_sql(&format!("DROP ROLE IF EXISTS {role}"))
+        .execute(&mut admin)
+        .await;
+}
+
+#[tokio::test]
+async fn truncate_of_a_captured_table_is_refused() {
+    let (db, pool) = TestDb::migrated().await;
+    sqlx::query("INSERT INTO accounts (name) VALUES ('Kept')")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let error = sqlx::raw_sql("TRUNCATE activities, leads, projects, accounts")
+        .execute(&pool)
+        .await
+        .expect_err("TRUNCATE must be refused");
+    assert!(error.to_string().contains("TRUNCATE on public."), "{error}");
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM accounts")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    pool.close().await;
+    db.drop_db().await;
+}

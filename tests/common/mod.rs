@@ -1,0 +1,226 @@
+//! Shared test harness: one fresh database per test on the real PostgreSQL server, the
+//! reference CRM schema with capture attached, an in-process pipeline, and drain/verify.
+#![allow(dead_code)]
+
+use crm_analytics::config::PipelineArgs;
+use crm_analytics::pipeline::{Pipeline, Roles};
+use crm_analytics::queue::{postgres::PostgresQueue, Queue};
+use sqlx::postgres::PgPoolOptions;
+use sqlx::{Connection, PgConnection, PgPool};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// The PostgreSQL server tests create their databases on.
+pub fn server_url() -> String {
+    std::env::var("CRM_ANALYTICS_TEST_SERVER")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_string())
+}
+
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+    pub archive: PathBuf,
+}
+
+impl TestDb {
+    /// A new, empty database of this test's own.
+    pub async fn create() -> Self {
+        let name = format!("crm_analytics_test_{}", uuid::Uuid::new_v4().simple());
+        let mut admin = PgConnection::connect(&format!("{}/postgres", server_url()))
+            .await
+            .expect("PostgreSQL must be running for the integration tests (see README)");
+        sqlx::raw_sql(&format!("CREATE DATABASE {name}"))
+            .execute(&mut admin)
+            .await
+            .expect("create test database");
+        let archive = std::env::temp_dir().join(&name);
+        Self {
+            url: format!("{}/{name}", server_url()),
+            name,
+            archive,
+        }
+    }
+
+    /// A fresh database with the reference CRM schema, capture and analytics installed.
+    pub async fn migrated() -> (Self, PgPool) {
+        let db = Self::create().await;
+        let pool = db.pool(10).await;
+        crm_analytics::cli::migrate_all(&pool, &pool, "public", true)
+            .await
+            .expect("migrate");
+        (db, pool)
+    }
+
+    pub async fn pool(&self, max: u32) -> PgPool {
+        PgPoolOptions::new()
+            .max_connections(max)
+            .connect(&self.url)
+            .await
+            .expect("connect to test database")
+    }
+
+    /// Settings for a test pipeline: small batches, fast polling and retries.
+    pub fn args(&self) -> PipelineArgs {
+        let mut args = PipelineArgs::from_env();
+        args.workers = Some(3);
+        args.batch_size = 200;
+        args.poll_interval = Duration::from_millis(250);
+        args.retry_backoff = Duration::from_millis(100);
+        args.archive = self.archive.to_string_lossy().into_owned();
+        args
+    }
+
+    /// Drops the database (after the pools using it are closed).
+    pub async fn drop_db(self) {
+        let mut admin = PgConnection::connect(&format!("{}/postgres", server_url()))
+            .await
+            .expect("connect");
+        let _ = sqlx::raw_sql(&format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            self.name
+        ))
+        .execute(&mut admin)
+        .await;
+        let _ = std::fs::remove_dir_all(&self.archive);
+    }
+}
+
+/// A pipeline running in this process until the returned token is cancelled.
+pub struct Running {
+    pub pipeline: Arc<Pipeline>,
+    pub stop: CancellationToken,
+    pub task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl Running {
+    pub async fn stop(self) {
+        self.stop.cancel();
+        self.task
+            .await
+            .expect("pipeline task")
+            .expect("pipeline ran without error");
+    }
+}
+
+pub async fn start_with_queue(
+    db: &TestDb,
+    pool: &PgPool,
+    queue: Arc<dyn Queue>,
+    args: &PipelineArgs,
+) -> Running {
+    let pipeline = Arc::new(
+        Pipeline::assemble(pool.clone(), pool.clone(), queue, args).expect("assemble pipeline"),
+    );
+    let _ = db;
+    let stop = CancellationToken::new();
+    let task = {
+        let (pipeline, stop) = (pipeline.clone(), stop.clone());
+        tokio::spawn(async move {
+            pipeline
+                .run(
+                    Roles {
+                        relay: true,
+                        workers: true,
+                    },
+                    stop,
+                )
+                .await
+        })
+    };
+    Running {
+        pipeline,
+        stop,
+        task,
+    }
+}
+
+pub async fn start(db: &TestDb, pool: &PgPool, args: &PipelineArgs) -> Running {
+    let queue = PostgresQueue::connect(pool.clone(), args.queue_capacity)
+        .await
+        .expect("queue");
+    start_with_queue(db, pool, Arc::new(queue), args).await
+}
+
+/// Waits until the outbox and the queue are both empty.
+pub async fn drain(pool: &PgPool, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let (outbox, queue): (i64, i64) = sqlx::query_as(
+            "SELECT (SELECT count(*) FROM crm_analytics.event_outbox),
+                    (SELECT count(*) FROM crm_analytics.queue)",
+        )
+        .fetch_one(pool)
+        .await
+        .expect("count backlog");
+        if outbox == 0 && queue == 0 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "pipeline did not drain in {timeout:?}: outbox {outbox}, queue {queue}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Every aggregate equals a full SQL recomputation over the CRM tables, row for row.
+pub async fn assert_exact(pool: &PgPool) {
+    let differences = crm_analytics::cli::verify(pool, pool, "public")
+        .await
+        .expect("verify");
+    assert!(
+        differences.is_empty(),
+        "{} aggregate rows differ from the recomputation, first: {:#?}",
+        differences.len(),
+        &differences[..differences.len().min(10)]
+    );
+}
+
+/// Non-empty aggregates exist, so an "exact" comparison is not vacuous.
+pub async fn assert_nontrivial(pool: &PgPool) {
+    let (daily, funnel, revenue): (i64, i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM analytics.daily_account_metrics),
+                (SELECT count(*) FROM analytics.lead_funnel_metrics),
+                (SELECT count(*) FROM analytics.revenue_metrics)",
+    )
+    .fetch_one(pool)
+    .await
+    .expect("count aggregates");
+    assert!(
+        daily > 10 && funnel > 5 && revenue > 3,
+        "too little data: {daily} {funnel} {revenue}"
+    );
+}
+
+/// event_counts.processed equals the relayed events kept by the outbox retention.
+pub async fn assert_counts_match_outbox(pool: &PgPool) {
+    let mismatches: Vec<(String, String, i64, i64)> = sqlx::query_as(
+        "WITH relayed AS (
+            SELECT (created_at AT TIME ZONE 'UTC')::date AS date,
+                   split_part(event_type, '.', 1) AS table_name,
+                   split_part(event_type, '.', 2) AS operation, count(*) AS n
+            FROM crm_analytics.event_outbox_processed GROUP BY 1, 2, 3
+         ), counted AS (
+            SELECT date, table_name, operation, processed FROM analytics.event_counts
+            WHERE operation <> 'snapshot'
+         )
+         SELECT coalesce(r.table_name, c.table_name), coalesce(r.operation, c.operation),
+                coalesce(r.n, 0), coalesce(c.processed, 0)
+         FROM relayed r FULL JOIN counted c USING (date, table_name, operation)
+         WHERE coalesce(r.n, 0) <> coalesce(c.processed, 0)",
+    )
+    .fetch_all(pool)
+    .await
+    .expect("compare event counts");
+    assert!(
+        mismatches.is_empty(),
+        "event_counts differ from relayed events: {mismatches:?}"
+    );
+}
+
+pub fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_crm-analytics")
+}

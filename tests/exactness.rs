@@ -1,0 +1,319 @@
+//! Exactness: after the pipeline drains, every aggregate equals a full SQL recomputation
+//! over the CRM tables, under concurrent writers, duplicates and backfills.
+
+mod common;
+
+use async_trait::async_trait;
+use chrono::NaiveDate;
+use common::TestDb;
+use crm_analytics::event::Envelope;
+use crm_analytics::queue::{postgres::PostgresQueue, Queue, QueueError, ReceivedBatch};
+use crm_analytics::workload::{self, WorkloadConfig, WorkloadStats};
+use rust_decimal::Decimal;
+use std::collections::HashSet;
+use std::io::Read;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+fn workload(writers: usize, transactions: u64, seed: u64) -> WorkloadConfig {
+    WorkloadConfig {
+        writers,
+        transactions_per_writer: Some(transactions),
+        rollback_ratio: 0.1,
+        seed,
+        crm_schema: "public".into(),
+    }
+}
+
+async fn run_workload(pool: &sqlx::PgPool, config: WorkloadConfig) -> Arc<WorkloadStats> {
+    let stats = Arc::new(WorkloadStats::default());
+    workload::run(pool, &config, stats.clone(), CancellationToken::new())
+        .await
+        .expect("workload");
+    stats
+}
+
+#[tokio::test]
+async fn a_known_history_gives_known_numbers() {
+    let (db, pool) = TestDb::migrated().await;
+    let running = common::start(&db, &pool, &db.args()).await;
+    let sql = "
+        INSERT INTO accounts (id, name) VALUES
+            ('00000000-0000-0000-0000-00000000000a', 'A'),
+            ('00000000-0000-0000-0000-00000000000b', 'B');
+        INSERT INTO leads (id, account_id, source, status, created_at) VALUES
+            ('00000000-0000-0000-0000-000000000001', '00000000-0000-0000-0000-00000000000a', 'web', 'new', '2026-03-01 10:00+00'),
+            ('00000000-0000-0000-0000-000000000002', '00000000-0000-0000-0000-00000000000a', 'web', 'new', '2026-03-01 23:30-05'),
+            ('00000000-0000-0000-0000-000000000003', NULL, 'event', 'new', '2026-03-01 12:00+00');
+        -- lead 1 converts; lead 2 moves to account B; lead 3 is lost
+        UPDATE leads SET status = 'converted', converted_at = '2026-03-05 09:00+00'
+            WHERE id = '00000000-0000-0000-0000-000000000001';
+        UPDATE leads SET account_id = '00000000-0000-0000-0000-00000000000b'
+            WHERE id = '00000000-0000-0000-0000-000000000002';
+        UPDATE leads SET status = 'lost' WHERE id = '00000000-0000-0000-0000-000000000003';
+        INSERT INTO activities (account_id, activity_type, occurred_at) VALUES
+            ('00000000-0000-0000-0000-00000000000a', 'call', '2026-03-05 10:00+00'),
+            ('00000000-0000-0000-0000-00000000000a', 'email', '2026-03-05 11:00+00'),
+            (NULL, 'note', '2026-03-05 11:00+00');
+        INSERT INTO projects (id, account_id, name, status, amount, closed_at) VALUES
+            ('00000000-0000-0000-0000-0000000000f1', '00000000-0000-0000-0000-00000000000a', 'Big', 'won', 1000.10, '2026-03-05 12:00+00'),
+            ('00000000-0000-0000-0000-0000000000f2', '00000000-0000-0000-0000-00000000000a', 'Small', 'won', 0.20, '2026-04-02 12:00+00'),
+            ('00000000-0000-0000-0000-0000000000f3', '00000000-0000-0000-0000-00000000000b', 'Gone', 'won', 77.00, '2026-03-06 12:00+00');
+        -- edit a won amount; reopen the April deal; B is deleted with everything it had
+        UPDATE projects SET amount = 1234.50 WHERE name = 'Big';
+        UPDATE projects SET status = 'open', closed_at = NULL WHERE name = 'Small';
+        DELETE FROM accounts WHERE id = '00000000-0000-0000-0000-00000000000b';
+    ";
+    sqlx::raw_sql(sql).execute(&pool).await.unwrap();
+    common::drain(&pool, Duration::from_secs(30)).await;
+    running.stop().await;
+
+    let a = Uuid::from_str("00000000-0000-0000-0000-00000000000a").unwrap();
+    let daily: Vec<(Uuid, NaiveDate, i64, i64, i64, i64, Decimal)> =
+        sqlx::query_as("SELECT * FROM analytics.daily_account_metrics ORDER BY account_id, date")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    let d = |s: &str| NaiveDate::from_str(s).unwrap();
+    assert_eq!(
+        daily,
+        vec![
+            (a, d("2026-03-01"), 1, 0, 0, 0, Decimal::ZERO),
+            (
+                a,
+                d("2026-03-05"),
+                0,
+                1,
+                2,
+                1,
+                Decimal::from_str("1234.50").unwrap()
+            ),
+        ]
+    );
+    let funnel: Vec<(NaiveDate, String, i64, i64, i64, i64, i64, i64)> =
+        sqlx::query_as("SELECT * FROM analytics.lead_funnel_metrics ORDER BY cohort_date, source")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        funnel,
+        vec![
+            (d("2026-03-01"), "event".into(), 0, 0, 0, 0, 1, 1),
+            (d("2026-03-01"), "web".into(), 0, 0, 0, 1, 0, 1),
+        ],
+        "lead 2 was created on 2026-03-02 UTC and deleted with account B"
+    );
+    let revenue: Vec<(Uuid, NaiveDate, i64, Decimal)> =
+        sqlx::query_as("SELECT * FROM analytics.revenue_metrics ORDER BY account_id, month")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        revenue,
+        vec![(a, d("2026-03-01"), 1, Decimal::from_str("1234.50").unwrap())]
+    );
+    common::assert_exact(&pool).await;
+    pool.close().await;
+    db.drop_db().await;
+}
+
+#[tokio::test]
+async fn concurrent_random_workload_is_exact_and_archived() {
+    let (db, pool) = TestDb::migrated().await;
+    let mut args = db.args();
+    args.outbox_retention = Duration::from_secs(3600);
+    let running = common::start(&db, &pool, &args).await;
+    let stats = run_workload(&pool, workload(4, 400, 7)).await;
+    assert!(stats.committed() > 1000);
+    assert!(stats.rolled_back.load(std::sync::atomic::Ordering::Relaxed) > 50);
+    common::drain(&pool, Duration::from_secs(60)).await;
+    running.stop().await;
+
+    common::assert_nontrivial(&pool).await;
+    common::assert_exact(&pool).await;
+    common::assert_counts_match_outbox(&pool).await;
+
+    // Every relayed event is in the archive (at least once), as JSON Lines of envelopes.
+    let relayed: HashSet<Uuid> =
+        sqlx::query_scalar("SELECT event_id FROM crm_analytics.event_outbox_processed")
+            .fetch_all(&pool)
+            .await
+            .unwrap()
+            .into_iter()
+            .collect();
+    let mut archived = HashSet::new();
+    for entry in walk(&db.archive.join("events")) {
+        let path = entry.to_string_lossy().into_owned();
+        assert!(path.ends_with(".jsonl.gz"), "{path}");
+        let table = entry
+            .parent()
+            .and_then(|p| p.file_name())
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        let mut text = String::new();
+        flate2::read::GzDecoder::new(std::fs::File::open(&entry).unwrap())
+            .read_to_string(&mut text)
+            .unwrap();
+        for line in text.lines() {
+            let envelope = Envelope::from_json(line).expect("archived lines are envelopes");
+            assert!(
+                envelope.event_type.starts_with(&table),
+                "{path}: {}",
+                envelope.event_type
+            );
+            let date = envelope.created_at.format("%Y/%m/%d").to_string();
+            assert!(path.contains(&format!("events/{date}/{table}/")), "{path}");
+            archived.insert(envelope.event_id);
+        }
+    }
+    assert_eq!(
+        archived, relayed,
+        "the archive holds exactly the relayed events"
+    );
+    pool.close().await;
+    db.drop_db().await;
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                files.extend(walk(&path));
+            } else {
+                files.push(path);
+            }
+        }
+    }
+    files
+}
+
+/// A real PostgreSQL queue that publishes every batch twice: each event is delivered twice.
+struct Twice(PostgresQueue);
+
+#[async_trait]
+impl Queue for Twice {
+    async fn publish(&self, events: &[Envelope]) -> Result<(), QueueError> {
+        self.0.publish(events).await?;
+        self.0.publish(events).await
+    }
+    async fn receive(&self, max: usize) -> Result<Box<dyn ReceivedBatch>, QueueError> {
+        self.0.receive(max).await
+    }
+    fn epoch(&self) -> u64 {
+        self.0.epoch()
+    }
+    async fn wait_for_messages(&self, seen: u64, timeout: Duration) {
+        self.0.wait_for_messages(seen, timeout).await
+    }
+    async fn depth(&self) -> Result<u64, QueueError> {
+        self.0.depth().await
+    }
+    async fn is_full(&self) -> Result<bool, QueueError> {
+        self.0.is_full().await
+    }
+}
+
+#[tokio::test]
+async fn every_event_delivered_twice_counts_once() {
+    let (db, pool) = TestDb::migrated().await;
+    let mut args = db.args();
+    args.outbox_retention = Duration::from_secs(3600);
+    let queue = Twice(
+        PostgresQueue::connect(pool.clone(), 1_000_000)
+            .await
+            .unwrap(),
+    );
+    let running = common::start_with_queue(&db, &pool, Arc::new(queue), &args).await;
+    run_workload(&pool, workload(3, 300, 11)).await;
+    common::drain(&pool, Duration::from_secs(60)).await;
+    running.stop().await;
+    let (relayed, applied): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM crm_analytics.event_outbox_processed),
+                (SELECT count(*) FROM crm_analytics.applied_events)",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert!(relayed > 500);
+    assert_eq!(relayed, applied);
+    common::assert_nontrivial(&pool).await;
+    common::assert_exact(&pool).await;
+    common::assert_counts_match_outbox(&pool).await;
+    pool.close().await;
+    db.drop_db().await;
+}
+
+#[tokio::test]
+async fn backfill_with_writers_running_is_exact() {
+    let db = TestDb::create().await;
+    let pool = db.pool(12).await;
+    // A CRM that had data before capture was attached.
+    crm_analytics::capture::create_reference_schema(&pool, "public")
+        .await
+        .unwrap();
+    run_workload(&pool, workload(2, 200, 3)).await;
+    let before: i64 = sqlx::query_scalar("SELECT count(*) FROM leads")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert!(before > 50);
+    crm_analytics::cli::migrate_all(&pool, &pool, "public", false)
+        .await
+        .unwrap();
+
+    // Writers keep going while the pipeline runs and backfill runs twice in the middle.
+    let running = common::start(&db, &pool, &db.args()).await;
+    let writers = {
+        let pool = pool.clone();
+        tokio::spawn(async move { run_workload(&pool, workload(3, 400, 5)).await })
+    };
+    for _ in 0..2 {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        crm_analytics::backfill::run(&pool, &pool, "public", false)
+            .await
+            .unwrap();
+    }
+    writers.await.unwrap();
+    common::drain(&pool, Duration::from_secs(60)).await;
+    running.stop().await;
+    common::assert_nontrivial(&pool).await;
+    common::assert_exact(&pool).await;
+
+    // Without a pipeline process: more writes pile up, backfill during writes, then drain.
+    let writers = {
+        let pool = pool.clone();
+        tokio::spawn(async move { run_workload(&pool, workload(2, 300, 9)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    crm_analytics::backfill::run(&pool, &pool, "public", false)
+        .await
+        .unwrap();
+    writers.await.unwrap();
+    let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM crm_analytics.event_outbox")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert!(pending > 0, "writes after the backfill wait in the outbox");
+    let running = common::start(&db, &pool, &db.args()).await;
+    common::drain(&pool, Duration::from_secs(60)).await;
+    running.stop().await;
+    common::assert_exact(&pool).await;
+    let snapshots: i64 = sqlx::query_scalar(
+        "SELECT coalesce(sum(processed), 0)::int8 FROM analytics.event_counts WHERE operation = 'snapshot'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert!(
+        snapshots > before,
+        "backfill counts the rows it read as snapshot events"
+    );
+    pool.close().await;
+    db.drop_db().await;
+}
