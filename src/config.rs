@@ -42,6 +42,15 @@ impl DatabaseArgs {
         })
     }
 
+    /// The variable the analytics URL comes from, for error messages.
+    pub fn analytics_setting(&self) -> &'static str {
+        if self.analytics_database_url.is_some() {
+            "ANALYTICS_DATABASE_URL"
+        } else {
+            "DATABASE_URL"
+        }
+    }
+
     pub fn analytics_url(&self) -> anyhow::Result<&str> {
         match &self.analytics_database_url {
             Some(url) => Ok(url),

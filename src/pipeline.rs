@@ -55,14 +55,9 @@ impl Pipeline {
     pub async fn connect(db: &DatabaseArgs, args: &PipelineArgs) -> anyhow::Result<Self> {
         let workers = args.workers();
         let crm = crate::db::connect(db.crm_url()?, "DATABASE_URL", 4).await?;
-        let analytics_setting = if db.analytics_database_url.is_some() {
-            "ANALYTICS_DATABASE_URL"
-        } else {
-            "DATABASE_URL"
-        };
         let analytics = crate::db::connect(
             db.analytics_url()?,
-            analytics_setting,
+            db.analytics_setting(),
             (workers * 2 + 4) as u32,
         )
         .await?;

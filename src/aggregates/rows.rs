@@ -131,12 +131,17 @@ pub fn decode(envelope: &Envelope) -> Result<ChangeEvent, String> {
     })
 }
 
-fn decode_row(table: CrmTable, json: &str) -> Result<RowImage, serde_json::Error> {
+fn decode_row(table: CrmTable, json: &str) -> Result<RowImage, String> {
+    // The error names the column that is wrong, e.g. "created_at: input contains ...".
+    fn parse<'a, T: Deserialize<'a>>(json: &'a str) -> Result<T, String> {
+        let mut deserializer = serde_json::Deserializer::from_str(json);
+        serde_path_to_error::deserialize(&mut deserializer).map_err(|e| e.to_string())
+    }
     Ok(match table {
         CrmTable::Accounts => RowImage::Account,
-        CrmTable::Leads => RowImage::Lead(serde_json::from_str(json)?),
-        CrmTable::Projects => RowImage::Project(serde_json::from_str(json)?),
-        CrmTable::Activities => RowImage::Activity(serde_json::from_str(json)?),
+        CrmTable::Leads => RowImage::Lead(parse(json)?),
+        CrmTable::Projects => RowImage::Project(parse(json)?),
+        CrmTable::Activities => RowImage::Activity(parse(json)?),
     })
 }
 

@@ -113,13 +113,13 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Migrate { create_crm_schema } => {
             let crm = crate::db::connect(db.crm_url()?, "DATABASE_URL", 2).await?;
             let analytics =
-                crate::db::connect(db.analytics_url()?, "ANALYTICS_DATABASE_URL", 2).await?;
+                crate::db::connect(db.analytics_url()?, db.analytics_setting(), 4).await?;
             migrate_all(&crm, &analytics, &db.crm_schema, create_crm_schema).await?;
         }
         Command::Backfill | Command::Rebuild => {
             let crm = crate::db::connect(db.crm_url()?, "DATABASE_URL", 2).await?;
             let analytics =
-                crate::db::connect(db.analytics_url()?, "ANALYTICS_DATABASE_URL", 2).await?;
+                crate::db::connect(db.analytics_url()?, db.analytics_setting(), 4).await?;
             let report = crate::backfill::run(&crm, &analytics, &db.crm_schema, true).await?;
             println!(
                 "aggregates recomputed from {} CRM rows (snapshot {})",
@@ -129,7 +129,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Verify => {
             let crm = crate::db::connect(db.crm_url()?, "DATABASE_URL", 2).await?;
             let analytics =
-                crate::db::connect(db.analytics_url()?, "ANALYTICS_DATABASE_URL", 2).await?;
+                crate::db::connect(db.analytics_url()?, db.analytics_setting(), 4).await?;
             let differences = verify(&crm, &analytics, &db.crm_schema).await?;
             if differences.is_empty() {
                 println!("aggregates match a full recomputation");
@@ -180,7 +180,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Status { json } => {
             let crm = crate::db::connect(db.crm_url()?, "DATABASE_URL", 2).await?;
             let analytics =
-                crate::db::connect(db.analytics_url()?, "ANALYTICS_DATABASE_URL", 2).await?;
+                crate::db::connect(db.analytics_url()?, db.analytics_setting(), 4).await?;
             let queue = PostgresQueue::connect(analytics.clone(), u64::MAX).await?;
             let status = crate::status::read(&crm, &analytics, &queue).await?;
             if json {
@@ -200,7 +200,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Failed { action } => {
             let analytics =
-                crate::db::connect(db.analytics_url()?, "ANALYTICS_DATABASE_URL", 2).await?;
+                crate::db::connect(db.analytics_url()?, db.analytics_setting(), 4).await?;
             match action {
                 FailedAction::List { limit, json } => {
                     let events = failed::list(&analytics, limit).await?;
@@ -311,6 +311,8 @@ fn diff<K: Ord + std::fmt::Debug, V: PartialEq + std::fmt::Debug>(
 }
 
 async fn serve(db: &DatabaseArgs, args: &PipelineArgs, roles: Roles) -> anyhow::Result<()> {
+    // Signals first: a SIGTERM during start-up must stop the process gracefully too.
+    let shutdown = shutdown_on_signals();
     let pipeline = Pipeline::connect(db, args).await?;
     tracing::info!(
         workers = pipeline.worker.workers,
@@ -318,5 +320,5 @@ async fn serve(db: &DatabaseArgs, args: &PipelineArgs, roles: Roles) -> anyhow::
         ?roles,
         "pipeline running"
     );
-    pipeline.run(roles, shutdown_on_signals()).await
+    pipeline.run(roles, shutdown).await
 }
