@@ -51,14 +51,24 @@ pub fn open_archive(args: &PipelineArgs) -> anyhow::Result<Option<Archive>> {
     Ok(Some(Archive::open(&args.archive, args.archive_layout)?))
 }
 
+/// Connections the analytics pool needs so that no stage ever waits for another's: per
+/// worker a queue lease and an apply transaction; one each for the queue listener, the
+/// relay's publishing, maintenance and status.
+pub fn analytics_pool_size(workers: usize) -> u32 {
+    (workers * 2 + 4) as u32
+}
+
+/// Connections of the CRM pool: relay claim, outbox listener, maintenance, status.
+pub const CRM_POOL_SIZE: u32 = 4;
+
 impl Pipeline {
     pub async fn connect(db: &DatabaseArgs, args: &PipelineArgs) -> anyhow::Result<Self> {
         let workers = args.workers();
-        let crm = crate::db::connect(db.crm_url()?, "DATABASE_URL", 4).await?;
+        let crm = crate::db::connect(db.crm_url()?, "DATABASE_URL", CRM_POOL_SIZE).await?;
         let analytics = crate::db::connect(
             db.analytics_url()?,
             db.analytics_setting(),
-            (workers * 2 + 4) as u32,
+            analytics_pool_size(workers),
         )
         .await?;
         let queue: Arc<dyn Queue> =

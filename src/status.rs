@@ -69,3 +69,23 @@ pub fn percentiles(histogram: &[(i32, i64)]) -> Option<Latency> {
         p99: at(0.99),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::worker::apply::latency_bucket;
+
+    #[test]
+    fn percentiles_come_from_the_histogram_buckets() {
+        assert_eq!(percentiles(&[]), None);
+        // 99 events of ~10 ms and 1 of ~500 ms: the 99th is still fast.
+        let fast = latency_bucket(10.0);
+        let slow = latency_bucket(500.0);
+        let latency = percentiles(&[(fast, 99), (slow, 1)]).unwrap();
+        assert!((10.0..=12.5).contains(&latency.p50), "{latency:?}");
+        assert!((10.0..=12.5).contains(&latency.p99), "{latency:?}");
+        let latency = percentiles(&[(fast, 98), (slow, 2)]).unwrap();
+        assert!((500.0..=625.0).contains(&latency.p99), "{latency:?}");
+        assert_eq!(latency_bucket(0.2), 0);
+    }
+}

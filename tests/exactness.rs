@@ -36,10 +36,13 @@ async fn run_workload(pool: &sqlx::PgPool, config: WorkloadConfig) -> Arc<Worklo
     stats
 }
 
+type DailyRow = (Uuid, NaiveDate, i64, i64, i64, i64, Decimal);
+type FunnelRow = (NaiveDate, String, i64, i64, i64, i64, i64, i64);
+
 #[tokio::test]
 async fn a_known_history_gives_known_numbers() {
     let (db, pool) = TestDb::migrated().await;
-    let running = common::start(&db, &pool, &db.args()).await;
+    let running = common::start(&db, &db.args()).await;
     let sql = "
         INSERT INTO accounts (id, name) VALUES
             ('00000000-0000-0000-0000-00000000000a', 'A'),
@@ -72,7 +75,7 @@ async fn a_known_history_gives_known_numbers() {
     running.stop().await;
 
     let a = Uuid::from_str("00000000-0000-0000-0000-00000000000a").unwrap();
-    let daily: Vec<(Uuid, NaiveDate, i64, i64, i64, i64, Decimal)> =
+    let daily: Vec<DailyRow> =
         sqlx::query_as("SELECT * FROM analytics.daily_account_metrics ORDER BY account_id, date")
             .fetch_all(&pool)
             .await
@@ -93,7 +96,7 @@ async fn a_known_history_gives_known_numbers() {
             ),
         ]
     );
-    let funnel: Vec<(NaiveDate, String, i64, i64, i64, i64, i64, i64)> =
+    let funnel: Vec<FunnelRow> =
         sqlx::query_as("SELECT * FROM analytics.lead_funnel_metrics ORDER BY cohort_date, source")
             .fetch_all(&pool)
             .await
@@ -125,7 +128,7 @@ async fn concurrent_random_workload_is_exact_and_archived() {
     let (db, pool) = TestDb::migrated().await;
     let mut args = db.args();
     args.outbox_retention = Duration::from_secs(3600);
-    let running = common::start(&db, &pool, &args).await;
+    let running = common::start(&db, &args).await;
     let stats = run_workload(&pool, workload(4, 400, 7)).await;
     assert!(stats.committed() > 1000);
     assert!(stats.rolled_back.load(std::sync::atomic::Ordering::Relaxed) > 50);
@@ -224,12 +227,13 @@ async fn every_event_delivered_twice_counts_once() {
     let (db, pool) = TestDb::migrated().await;
     let mut args = db.args();
     args.outbox_retention = Duration::from_secs(3600);
-    let queue = Twice(
-        PostgresQueue::connect(pool.clone(), 1_000_000)
-            .await
-            .unwrap(),
-    );
-    let running = common::start_with_queue(&db, &pool, Arc::new(queue), &args).await;
+    let inner = PostgresQueue::connect(db.pool(12).await, 1_000_000)
+        .await
+        .unwrap();
+    let running = common::start_with(&db, &args, move |_| {
+        Arc::new(Twice(inner)) as Arc<dyn Queue>
+    })
+    .await;
     run_workload(&pool, workload(3, 300, 11)).await;
     common::drain(&pool, Duration::from_secs(60)).await;
     running.stop().await;
@@ -268,7 +272,7 @@ async fn backfill_with_writers_running_is_exact() {
         .unwrap();
 
     // Writers keep going while the pipeline runs and backfill runs twice in the middle.
-    let running = common::start(&db, &pool, &db.args()).await;
+    let running = common::start(&db, &db.args()).await;
     let writers = {
         let pool = pool.clone();
         tokio::spawn(async move { run_workload(&pool, workload(3, 400, 5)).await })
@@ -300,7 +304,7 @@ async fn backfill_with_writers_running_is_exact() {
         .await
         .unwrap();
     assert!(pending > 0, "writes after the backfill wait in the outbox");
-    let running = common::start(&db, &pool, &db.args()).await;
+    let running = common::start(&db, &db.args()).await;
     common::drain(&pool, Duration::from_secs(60)).await;
     running.stop().await;
     common::assert_exact(&pool).await;

@@ -39,8 +39,10 @@ async fn poison_events_are_parked_then_replayed_once_fixed() {
     .unwrap();
     // Cause 2, in the event: a lead whose event arrives with a broken created_at.
     let lead = uuid::Uuid::new_v4();
-    let mut conn = pool.acquire().await.unwrap();
-    sqlx::raw_sql("SET session_replication_role = replica")
+    // Written with triggers off (SET LOCAL: this transaction only), as if its event had
+    // been mangled on the way.
+    let mut conn = pool.begin().await.unwrap();
+    sqlx::raw_sql("SET LOCAL session_replication_role = replica")
         .execute(&mut *conn)
         .await
         .unwrap();
@@ -49,9 +51,9 @@ async fn poison_events_are_parked_then_replayed_once_fixed() {
         .execute(&mut *conn)
         .await
         .unwrap();
-    drop(conn);
+    conn.commit().await.unwrap();
 
-    let running = common::start(&db, &pool, &args).await;
+    let running = common::start(&db, &args).await;
     let started = Instant::now();
     sqlx::query(
         "INSERT INTO crm_analytics.event_outbox (event_type, aggregate_id, payload)
@@ -87,10 +89,14 @@ async fn poison_events_are_parked_then_replayed_once_fixed() {
         if parked == 2 {
             break;
         }
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "poison events were not parked"
-        );
+        if started.elapsed() > Duration::from_secs(30) {
+            let queue: Vec<(i32, Option<String>)> =
+                sqlx::query_as("SELECT attempts, last_error FROM crm_analytics.queue")
+                    .fetch_all(&pool)
+                    .await
+                    .unwrap();
+            panic!("poison events were not parked: {parked} parked, queue {queue:?}");
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let elapsed = started.elapsed();
@@ -162,7 +168,7 @@ async fn a_message_that_is_not_an_event_is_parked_with_its_raw_text() {
     let (db, pool) = TestDb::migrated().await;
     let mut args = db.args();
     args.max_attempts = 1;
-    let running = common::start(&db, &pool, &args).await;
+    let running = common::start(&db, &args).await;
     sqlx::query("INSERT INTO crm_analytics.queue (event_id, body) VALUES (gen_random_uuid(), 'not json at all')")
         .execute(&pool)
         .await

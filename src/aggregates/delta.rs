@@ -146,6 +146,37 @@ impl Deltas {
         }
     }
 
+    /// Adds `other` into `self`, as two transactions applied one after the other would.
+    pub fn merge(&mut self, other: Deltas) {
+        for (key, d) in other.daily {
+            let e = self.daily.entry(key).or_default();
+            e.leads_created += d.leads_created;
+            e.leads_converted += d.leads_converted;
+            e.activities += d.activities;
+            e.deals_won += d.deals_won;
+            e.revenue_won += d.revenue_won;
+        }
+        for (key, d) in other.funnel {
+            let e = self.funnel.entry(key).or_default();
+            e.new += d.new;
+            e.contacted += d.contacted;
+            e.qualified += d.qualified;
+            e.converted += d.converted;
+            e.lost += d.lost;
+            e.total += d.total;
+        }
+        for (key, d) in other.revenue {
+            let e = self.revenue.entry(key).or_default();
+            e.deals_won += d.deals_won;
+            e.revenue += d.revenue;
+        }
+        for (key, d) in other.counts {
+            let e = self.counts.entry(key).or_default();
+            e.processed += d.processed;
+            e.failed += d.failed;
+        }
+    }
+
     /// Drops entries whose every field nets to zero: they would change nothing.
     pub fn prune_zeros(&mut self) {
         self.daily.retain(|_, d| *d != DailyDelta::default());

@@ -162,3 +162,46 @@ fn exact_decimal<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Decimal, 
         .or_else(|_| Decimal::from_scientific(&text))
         .map_err(|e| de::Error::custom(format!("amount {text:?} is not an exact decimal: {e}")))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn envelope(event_type: &str, payload: &str) -> Envelope {
+        Envelope {
+            event_id: Uuid::nil(),
+            event_type: event_type.into(),
+            aggregate_id: None,
+            xid: 1,
+            created_at: Utc::now(),
+            payload: RawValue::from_string(payload.into()).unwrap(),
+        }
+    }
+
+    #[test]
+    fn money_stays_exact_beyond_floating_point() {
+        let event = decode(&envelope(
+            "projects.insert",
+            r#"{"new": {"account_id": null, "status": "won", "amount": 123456789012.35, "closed_at": null}}"#,
+        ))
+        .unwrap();
+        let Some(RowImage::Project(p)) = event.new else {
+            panic!("a project")
+        };
+        assert_eq!(p.amount.to_string(), "123456789012.35");
+    }
+
+    #[test]
+    fn malformed_events_say_what_is_wrong() {
+        let error = decode(&envelope("leads.upsert", "{}")).unwrap_err();
+        assert!(error.contains("unknown event type"), "{error}");
+        let error = decode(&envelope("leads.update", r#"{"new": null}"#)).unwrap_err();
+        assert!(error.contains("old and new"), "{error}");
+        let error = decode(&envelope(
+            "leads.insert",
+            r#"{"new": {"account_id": null, "source": "web", "status": "won", "created_at": "2026-01-01T00:00:00+00:00"}}"#,
+        ))
+        .unwrap_err();
+        assert!(error.contains("status"), "{error}");
+    }
+}

@@ -98,6 +98,7 @@ pub struct Running {
 impl Running {
     pub async fn stop(self) {
         self.stop.cancel();
+        let _ = &self.pipeline;
         self.task
             .await
             .expect("pipeline task")
@@ -105,16 +106,19 @@ impl Running {
     }
 }
 
-pub async fn start_with_queue(
-    db: &TestDb,
-    pool: &PgPool,
-    queue: Arc<dyn Queue>,
-    args: &PipelineArgs,
-) -> Running {
-    let pipeline = Arc::new(
-        Pipeline::assemble(pool.clone(), pool.clone(), queue, args).expect("assemble pipeline"),
-    );
-    let _ = db;
+/// A pipeline wired as `crm-analytics run` wires it (pools sized the same), over the
+/// queue `make_queue` builds on the analytics pool.
+pub async fn start_with<F>(db: &TestDb, args: &PipelineArgs, make_queue: F) -> Running
+where
+    F: FnOnce(PgPool) -> Arc<dyn Queue>,
+{
+    let crm = db.pool(crm_analytics::pipeline::CRM_POOL_SIZE).await;
+    let analytics = db
+        .pool(crm_analytics::pipeline::analytics_pool_size(args.workers()))
+        .await;
+    let queue = make_queue(analytics.clone());
+    let pipeline =
+        Arc::new(Pipeline::assemble(crm, analytics, queue, args).expect("assemble pipeline"));
     let stop = CancellationToken::new();
     let task = {
         let (pipeline, stop) = (pipeline.clone(), stop.clone());
@@ -137,11 +141,14 @@ pub async fn start_with_queue(
     }
 }
 
-pub async fn start(db: &TestDb, pool: &PgPool, args: &PipelineArgs) -> Running {
-    let queue = PostgresQueue::connect(pool.clone(), args.queue_capacity)
+pub async fn start(db: &TestDb, args: &PipelineArgs) -> Running {
+    let analytics = db
+        .pool(crm_analytics::pipeline::analytics_pool_size(args.workers()))
+        .await;
+    let queue = PostgresQueue::connect(analytics, args.queue_capacity)
         .await
         .expect("queue");
-    start_with_queue(db, pool, Arc::new(queue), args).await
+    start_with(db, args, move |_| Arc::new(queue) as Arc<dyn Queue>).await
 }
 
 /// Waits until the outbox and the queue are both empty.

@@ -1,0 +1,55 @@
+//! Freshness: a committed change is visible in the aggregates well under a second later
+//! on an idle machine (LISTEN/NOTIFY wake-ups, not the poll, carry it).
+
+mod common;
+
+use common::TestDb;
+use std::time::{Duration, Instant};
+
+#[tokio::test]
+async fn a_commit_is_visible_in_the_aggregates_well_under_a_second() {
+    let (db, pool) = TestDb::migrated().await;
+    let mut args = db.args();
+    // A poll far slower than the target proves the notifications do the work.
+    args.poll_interval = Duration::from_secs(30);
+    let running = common::start(&db, &args).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut samples = Vec::new();
+    for i in 0..10 {
+        let source = format!("fresh-{i}");
+        let started = Instant::now();
+        sqlx::query("INSERT INTO leads (source) VALUES ($1)")
+            .bind(&source)
+            .execute(&pool)
+            .await
+            .unwrap();
+        loop {
+            let seen: Option<i64> = sqlx::query_scalar(
+                "SELECT total FROM analytics.lead_funnel_metrics WHERE source = $1",
+            )
+            .bind(&source)
+            .fetch_optional(&pool)
+            .await
+            .unwrap();
+            if seen == Some(1) {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "change {i} never became visible"
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        samples.push(started.elapsed());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    running.stop().await;
+    samples.sort();
+    let median = samples[samples.len() / 2];
+    let worst = samples[samples.len() - 1];
+    println!("freshness: median {median:?}, worst {worst:?}");
+    assert!(median < Duration::from_millis(250), "median {median:?}");
+    assert!(worst < Duration::from_secs(1), "worst {worst:?}");
+    pool.close().await;
+    db.drop_db().await;
+}
