@@ -93,9 +93,16 @@ pub struct PipelineArgs {
     #[arg(long, env = "CRM_ANALYTICS_OUTBOX_RETENTION", default_value = "0s", value_parser = parse_duration)]
     pub outbox_retention: Duration,
 
-    /// How long applied event ids are remembered to drop duplicate deliveries.
-    #[arg(long, env = "CRM_ANALYTICS_DEDUP_RETENTION", default_value = "7d", value_parser = parse_duration)]
+    /// How long applied event ids are remembered to drop duplicate deliveries. Must exceed
+    /// the longest time a delivered-but-unacknowledged message can take to come back.
+    #[arg(long, env = "CRM_ANALYTICS_DEDUP_RETENTION", default_value = "24h", value_parser = parse_duration)]
     pub dedup_retention: Duration,
+
+    /// How often this process vacuums the queue tables it drains (the outbox for a relay,
+    /// the embedded queue for workers), so that deleted rows do not slow down claims even
+    /// where autovacuum is slow or off. 0s leaves it to autovacuum.
+    #[arg(long, env = "CRM_ANALYTICS_VACUUM_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    pub vacuum_interval: Duration,
 
     /// Where raw events are archived: a folder, file:///path, s3://bucket/prefix, or "none".
     #[arg(

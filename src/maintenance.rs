@@ -1,7 +1,9 @@
-//! Maintenance: periodic pruning of what would otherwise grow forever. The relayed outbox
+//! Maintenance: the loops that keep tables from growing. Pruning deletes the relayed outbox
 //! rows kept for CRM_ANALYTICS_OUTBOX_RETENTION, the idempotency ledger past
-//! CRM_ANALYTICS_DEDUP_RETENTION, and latency histograms older than a day. Deletes go in
-//! slices so that no statement holds locks for long.
+//! CRM_ANALYTICS_DEDUP_RETENTION and latency histograms older than a day, in slices so that
+//! no statement holds locks for long. Vacuuming reclaims the dead rows that every relayed
+//! or applied event leaves in the outbox and queue tables (they are queues: each row is
+//! inserted once and deleted once), so that claims never scan through them.
 
 use sqlx::PgPool;
 use std::time::Duration;
@@ -89,6 +91,32 @@ pub async fn run(
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(INTERVAL) => {}
+        }
+    }
+}
+
+/// Vacuums `tables` every `interval` until `shutdown`; a table another process is
+/// vacuuming is skipped. Without the right to vacuum, it says so once and stops.
+pub async fn vacuum_loop(
+    pool: PgPool,
+    tables: &'static [&'static str],
+    interval: Duration,
+    shutdown: CancellationToken,
+) {
+    if interval.is_zero() {
+        return;
+    }
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+        for table in tables {
+            let sql = format!("VACUUM (SKIP_LOCKED) {table}");
+            if let Err(error) = sqlx::raw_sql(&sql).execute(&pool).await {
+                tracing::warn!(table, %error, "cannot vacuum; leaving it to autovacuum");
+                return;
+            }
         }
     }
 }

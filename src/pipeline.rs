@@ -28,6 +28,7 @@ pub struct Pipeline {
     pub relay: RelayConfig,
     pub worker: WorkerConfig,
     pub maintenance: MaintenanceConfig,
+    pub vacuum_interval: std::time::Duration,
 }
 
 #[derive(Parser)]
@@ -108,6 +109,7 @@ impl Pipeline {
                 outbox_retention: args.outbox_retention,
                 dedup_retention: args.dedup_retention,
             },
+            vacuum_interval: args.vacuum_interval,
         })
     }
 
@@ -122,6 +124,13 @@ impl Pipeline {
                 shutdown.clone(),
             );
             tasks.spawn(async move { relay::run(crm, queue, config, stop).await });
+            let (crm, stop) = (self.crm.clone(), shutdown.clone());
+            let interval = self.vacuum_interval;
+            tasks.spawn(async move {
+                maintenance::vacuum_loop(crm, &["crm_analytics.event_outbox"], interval, stop)
+                    .await;
+                Ok(())
+            });
         }
         if roles.workers {
             let (queue, applier, config, stop) = (
@@ -142,6 +151,12 @@ impl Pipeline {
             );
             tasks.spawn(async move {
                 maintenance::run(crm, analytics, config, stop).await;
+                Ok(())
+            });
+            let (analytics, stop) = (self.analytics.clone(), shutdown.clone());
+            let interval = self.vacuum_interval;
+            tasks.spawn(async move {
+                maintenance::vacuum_loop(analytics, &["crm_analytics.queue"], interval, stop).await;
                 Ok(())
             });
         }
