@@ -321,3 +321,32 @@ async fn backfill_with_writers_running_is_exact() {
     pool.close().await;
     db.drop_db().await;
 }
+
+#[tokio::test]
+async fn two_pipelines_at_once_share_the_work_without_doing_it_twice() {
+    let (db, pool) = TestDb::migrated().await;
+    let mut args = db.args();
+    args.outbox_retention = Duration::from_secs(3600);
+    args.batch_size = 50;
+    let first = common::start(&db, &args).await;
+    let second = common::start(&db, &args).await;
+    run_workload(&pool, workload(3, 300, 13)).await;
+    common::drain(&pool, Duration::from_secs(60)).await;
+    first.stop().await;
+    second.stop().await;
+    let (relayed, distinct, applied): (i64, i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(DISTINCT event_id),
+                (SELECT count(*) FROM crm_analytics.applied_events)
+         FROM crm_analytics.event_outbox_processed",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert!(relayed > 500);
+    assert_eq!(relayed, distinct, "no event was relayed twice");
+    assert_eq!(relayed, applied);
+    common::assert_exact(&pool).await;
+    common::assert_counts_match_outbox(&pool).await;
+    pool.close().await;
+    db.drop_db().await;
+}
