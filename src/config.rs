@@ -59,6 +59,23 @@ impl DatabaseArgs {
     }
 }
 
+/// The HTTP server: REST API, dashboard, /metrics.
+#[derive(Debug, Clone, Args)]
+pub struct ServerArgs {
+    /// Address the API server listens on.
+    #[arg(long, env = "CRM_ANALYTICS_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: std::net::SocketAddr,
+
+    /// Bearer tokens accepted by /api/ routes, comma-separated.
+    #[arg(
+        long,
+        env = "CRM_ANALYTICS_API_TOKENS",
+        hide_env_values = true,
+        default_value = ""
+    )]
+    pub api_tokens: String,
+}
+
 /// How the pipeline runs.
 #[derive(Debug, Clone, Args)]
 pub struct PipelineArgs {

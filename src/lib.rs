@@ -6,11 +6,13 @@
 //! object store), [`backfill`] (recomputation from a snapshot), and the [`cli`].
 
 pub mod aggregates;
+pub mod api;
 pub mod archive;
 pub mod backfill;
 pub mod capture;
 pub mod cli;
 pub mod config;
+pub mod dashboard;
 pub mod db;
 pub mod event;
 pub mod listen;

@@ -54,9 +54,9 @@ pub fn open_archive(args: &PipelineArgs) -> anyhow::Result<Option<Archive>> {
 
 /// Connections the analytics pool needs so that no stage ever waits for another's: per
 /// worker a queue lease and an apply transaction; one each for the queue listener, the
-/// relay's publishing, maintenance and status.
+/// relay's publishing, maintenance and status, and a few for the API server.
 pub fn analytics_pool_size(workers: usize) -> u32 {
-    (workers * 2 + 4) as u32
+    (workers * 2 + 8) as u32
 }
 
 /// Connections of the CRM pool: relay claim, outbox listener, maintenance, status.
@@ -111,6 +111,15 @@ impl Pipeline {
             },
             vacuum_interval: args.vacuum_interval,
         })
+    }
+
+    /// What the API server needs, sharing this pipeline's connections.
+    pub fn api_state(&self) -> crate::api::AppState {
+        crate::api::AppState {
+            crm: self.crm.clone(),
+            analytics: self.analytics.clone(),
+            queue: self.queue.clone(),
+        }
     }
 
     /// Runs the chosen stages until `shutdown` is cancelled, then waits for them to stop.

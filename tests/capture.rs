@@ -32,11 +32,12 @@ async fn migrate_is_idempotent_and_versioned() {
     assert!(applied.is_empty(), "a second run applies no migration");
     let objects_after: i64 = sqlx::query_scalar(catalog).fetch_one(&pool).await.unwrap();
     assert_eq!(objects_before, objects_after);
-    let versions: Vec<(String, i32)> =
-        sqlx::query_as("SELECT component, version FROM crm_analytics.schema_migrations ORDER BY 1")
-            .fetch_all(&pool)
-            .await
-            .unwrap();
+    let versions: Vec<(String, i32)> = sqlx::query_as(
+        "SELECT component, version FROM crm_analytics.schema_migrations ORDER BY 1, 2",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
     assert_eq!(
         versions,
         vec![("analytics".into(), 1), ("capture".into(), 1)]

@@ -12,8 +12,15 @@ pub mod rows;
 use crate::migrate::Migration;
 
 /// Migrations of the analytics database (component "analytics").
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    description: "aggregate tables and pipeline bookkeeping",
-    sql: include_str!("sql/001_analytics.sql"),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        description: "aggregate tables and pipeline bookkeeping",
+        sql: include_str!("sql/001_analytics.sql"),
+    },
+    Migration {
+        version: 2,
+        description: "read-only role analytics_reader for BI tools",
+        sql: include_str!("sql/002_reader_role.sql"),
+    },
+];

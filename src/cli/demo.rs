@@ -8,9 +8,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{parse_duration, DatabaseArgs, PipelineArgs};
+use crate::api::auth::Tokens;
+use crate::config::{parse_duration, DatabaseArgs, PipelineArgs, ServerArgs};
 use crate::pipeline::{shutdown_on_signals, Pipeline, Roles};
 use crate::workload::{self, WorkloadConfig, WorkloadStats};
+use std::io::IsTerminal;
 
 const LOCAL_SERVER: &str = "postgres://postgres@localhost:5432";
 const DEMO_DATABASE: &str = "crm_analytics_demo";
@@ -28,6 +30,8 @@ pub struct DemoArgs {
     pub seed: u64,
     #[command(flatten)]
     pub pipeline: PipelineArgs,
+    #[command(flatten)]
+    pub server: ServerArgs,
 }
 
 /// Creates the demo database on the local server if needed and returns its URL.
@@ -72,20 +76,37 @@ pub async fn run(db: &DatabaseArgs, args: DemoArgs) -> anyhow::Result<()> {
 
     let shutdown = shutdown_on_signals();
     let pipeline = Arc::new(pipeline);
+    // The pipeline stops before the server, so the dashboard outlives the workload.
+    let pipeline_stop = shutdown.child_token();
     let running = {
-        let (pipeline, stop) = (pipeline.clone(), shutdown.clone());
-        tokio::spawn(async move {
-            pipeline
-                .run(
-                    Roles {
-                        relay: true,
-                        workers: true,
-                    },
-                    stop,
-                )
-                .await
-        })
+        let (pipeline, stop) = (pipeline.clone(), pipeline_stop.clone());
+        let roles = Roles {
+            relay: true,
+            workers: true,
+        };
+        tokio::spawn(async move { pipeline.run(roles, stop).await })
     };
+    // A token of the demo's own unless tokens are configured.
+    let token = match args
+        .server
+        .api_tokens
+        .split(',')
+        .map(str::trim)
+        .find(|t| !t.is_empty())
+    {
+        Some(token) => token.to_string(),
+        None => uuid::Uuid::new_v4().simple().to_string(),
+    };
+    let server = {
+        let (state, stop, listen) = (pipeline.api_state(), shutdown.clone(), args.server.listen);
+        let tokens = Tokens::parse(&token);
+        tokio::spawn(async move { crate::api::serve(listen, state, tokens, stop).await })
+    };
+    println!("dashboard: http://{}/#token={token}", args.server.listen);
+    println!(
+        "API:       curl -H 'Authorization: Bearer {token}' http://{}/api/funnel-metrics/",
+        args.server.listen
+    );
 
     let stats = Arc::new(WorkloadStats::default());
     let writers_stop = CancellationToken::new();
@@ -126,7 +147,7 @@ pub async fn run(db: &DatabaseArgs, args: DemoArgs) -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    shutdown.cancel();
+    pipeline_stop.cancel();
     running.await??;
 
     let differences = super::verify(&pipeline.crm, &pipeline.analytics, &db.crm_schema).await?;
@@ -143,6 +164,15 @@ pub async fn run(db: &DatabaseArgs, args: DemoArgs) -> anyhow::Result<()> {
     }
     print_summary(&pipeline).await?;
     println!("\nNext: `DATABASE_URL={crm_url} crm-analytics status`, or query schema analytics directly.");
+    if std::io::stdin().is_terminal() && !shutdown.is_cancelled() {
+        println!(
+            "The dashboard stays up at http://{}/#token={token}; Ctrl-C quits.",
+            args.server.listen
+        );
+        shutdown.cancelled().await;
+    }
+    shutdown.cancel();
+    server.await??;
     Ok(())
 }
 

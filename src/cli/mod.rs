@@ -9,10 +9,12 @@ use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 use uuid::Uuid;
 
-use crate::config::{DatabaseArgs, PipelineArgs};
+use crate::api::{auth::Tokens, AppState};
+use crate::config::{DatabaseArgs, PipelineArgs, ServerArgs};
 use crate::pipeline::{shutdown_on_signals, Pipeline, Roles};
 use crate::queue::{postgres::PostgresQueue, Queue};
 use crate::worker::failed;
+use std::sync::Arc;
 
 /// Live, exact sales analytics from a PostgreSQL CRM.
 ///
@@ -43,10 +45,17 @@ pub enum Command {
     Rebuild,
     /// Compare the aggregates with a full recomputation; exit code 1 if they differ.
     Verify,
-    /// Run relay and workers in one process until SIGINT/SIGTERM.
+    /// Run relay, workers and the API server in one process until SIGINT/SIGTERM.
     Run {
         #[command(flatten)]
         pipeline: PipelineArgs,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Run only the API server: REST API, dashboard, /metrics.
+    Serve {
+        #[command(flatten)]
+        server: ServerArgs,
     },
     /// Run only the relay (outbox to queue).
     Relay {
@@ -144,38 +153,32 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::from(1));
             }
         }
-        Command::Run { pipeline } => {
-            serve(
-                db,
-                &pipeline,
-                Roles {
-                    relay: true,
-                    workers: true,
-                },
-            )
-            .await?
+        Command::Run { pipeline, server } => {
+            let roles = Roles {
+                relay: true,
+                workers: true,
+            };
+            run_pipeline(db, &pipeline, roles, Some(&server)).await?
         }
         Command::Relay { pipeline } => {
-            serve(
-                db,
-                &pipeline,
-                Roles {
-                    relay: true,
-                    workers: false,
-                },
-            )
-            .await?
+            let roles = Roles {
+                relay: true,
+                workers: false,
+            };
+            run_pipeline(db, &pipeline, roles, None).await?
         }
         Command::Worker { pipeline } => {
-            serve(
-                db,
-                &pipeline,
-                Roles {
-                    relay: false,
-                    workers: true,
-                },
-            )
-            .await?
+            let roles = Roles {
+                relay: false,
+                workers: true,
+            };
+            run_pipeline(db, &pipeline, roles, None).await?
+        }
+        Command::Serve { server } => {
+            let shutdown = shutdown_on_signals();
+            let state = api_state(db).await?;
+            let tokens = Tokens::parse(&server.api_tokens);
+            crate::api::serve(server.listen, state, tokens, shutdown).await?
         }
         Command::Status { json } => {
             let crm = crate::db::connect(db.crm_url()?, "DATABASE_URL", 2).await?;
@@ -310,7 +313,24 @@ fn diff<K: Ord + std::fmt::Debug, V: PartialEq + std::fmt::Debug>(
     }
 }
 
-async fn serve(db: &DatabaseArgs, args: &PipelineArgs, roles: Roles) -> anyhow::Result<()> {
+/// The API's connections for a process that runs no pipeline.
+async fn api_state(db: &DatabaseArgs) -> anyhow::Result<AppState> {
+    let crm = crate::db::connect(db.crm_url()?, "DATABASE_URL", 4).await?;
+    let analytics = crate::db::connect(db.analytics_url()?, db.analytics_setting(), 8).await?;
+    let queue = PostgresQueue::connect(analytics.clone(), u64::MAX).await?;
+    Ok(AppState {
+        crm,
+        analytics,
+        queue: Arc::new(queue),
+    })
+}
+
+async fn run_pipeline(
+    db: &DatabaseArgs,
+    args: &PipelineArgs,
+    roles: Roles,
+    server: Option<&ServerArgs>,
+) -> anyhow::Result<()> {
     // Signals first: a SIGTERM during start-up must stop the process gracefully too.
     let shutdown = shutdown_on_signals();
     let pipeline = Pipeline::connect(db, args).await?;
@@ -320,5 +340,21 @@ async fn serve(db: &DatabaseArgs, args: &PipelineArgs, roles: Roles) -> anyhow::
         ?roles,
         "pipeline running"
     );
-    pipeline.run(roles, shutdown).await
+    let Some(server) = server else {
+        return pipeline.run(roles, shutdown).await;
+    };
+    let tokens = Tokens::parse(&server.api_tokens);
+    let api = crate::api::serve(
+        server.listen,
+        pipeline.api_state(),
+        tokens,
+        shutdown.clone(),
+    );
+    let (ran, served) = tokio::join!(pipeline.run(roles, shutdown.clone()), async {
+        // The server failing (say, its address is taken) stops the whole process.
+        let result = api.await;
+        shutdown.cancel();
+        result
+    });
+    ran.and(served)
 }

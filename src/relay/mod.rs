@@ -86,6 +86,7 @@ pub async fn relay_once(
         return Err(error.into());
     }
     tx.commit().await?;
+    crate::telemetry::metrics::events_relayed(envelopes.len());
     Ok(envelopes.len())
 }
 

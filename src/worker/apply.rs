@@ -9,6 +9,7 @@ use uuid::Uuid;
 use crate::aggregates::{apply::write_deltas, delta::Deltas, rows::ChangeEvent};
 use crate::archive::{Archive, ArchiveError, ArchivedEvent};
 use crate::backfill::{Snapshot, BACKFILL_LOCK};
+use crate::telemetry::metrics as telemetry;
 
 /// A delivery that decoded into an event, with the raw JSON to archive.
 pub struct Prepared {
@@ -109,6 +110,7 @@ impl Applier {
         let mut latency: BTreeMap<i32, i64> = BTreeMap::new();
         let mut seen = HashSet::with_capacity(fresh.len());
         let mut to_archive = Vec::with_capacity(fresh.len());
+        let mut ages = Vec::with_capacity(fresh.len());
         for prepared in events {
             let event = &prepared.event;
             if !fresh.contains(&event.event_id) || !seen.insert(event.event_id) {
@@ -119,8 +121,11 @@ impl Applier {
             if !watermark.as_ref().is_some_and(|s| s.sees(event.xid)) {
                 deltas.add_event(event);
             }
-            let ms = (now - event.created_at).num_microseconds().unwrap_or(0) as f64 / 1000.0;
-            *latency.entry(latency_bucket(ms)).or_default() += 1;
+            let age = (now - event.created_at).to_std().unwrap_or_default();
+            *latency
+                .entry(latency_bucket(age.as_secs_f64() * 1000.0))
+                .or_default() += 1;
+            ages.push((event.table.name(), event.operation.name(), age));
             to_archive.push(ArchivedEvent {
                 event_id: event.event_id,
                 date: event.date(),
@@ -147,6 +152,10 @@ impl Applier {
             _ => 0,
         };
         tx.commit().await?;
+        for (table, operation, age) in ages {
+            telemetry::event_applied(table, operation, age);
+        }
+        telemetry::archive_written(archive_objects);
         Ok(Applied {
             fresh: seen.len(),
             duplicates: events.len() - seen.len(),

@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::aggregates::rows::decode;
 use crate::event::Envelope;
 use crate::queue::{Queue, ReceivedBatch, Settlement};
+use crate::telemetry::metrics as telemetry;
 use apply::{Applier, ApplyError, Prepared};
 use failed::DeadLetter;
 
@@ -78,7 +79,21 @@ async fn work(
                 }
                 continue;
             }
-            Ok(batch) => handle(batch, applier, config).await,
+            Ok(batch) => {
+                let started = std::time::Instant::now();
+                let outcome = handle(batch, applier, config).await;
+                if let Ok(report) = &outcome {
+                    telemetry::batch_applied(
+                        report.received,
+                        report.applied,
+                        report.duplicates,
+                        started.elapsed(),
+                    );
+                    telemetry::events_retried(report.retried);
+                    telemetry::events_parked(report.parked);
+                }
+                outcome
+            }
             Err(error) => Err(anyhow::Error::from(error)),
         };
         match outcome {

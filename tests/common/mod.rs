@@ -231,3 +231,88 @@ pub async fn assert_counts_match_outbox(pool: &PgPool) {
 pub fn binary() -> &'static str {
     env!("CARGO_BIN_EXE_crm-analytics")
 }
+
+pub const TOKEN: &str = "test-token-123";
+
+/// The API server on a free port of its own, over the test database.
+pub struct Server {
+    pub base: String,
+    pub stop: CancellationToken,
+    pub task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl Server {
+    pub async fn start(db: &TestDb) -> Self {
+        let crm = db.pool(4).await;
+        let analytics = db.pool(8).await;
+        let queue = PostgresQueue::connect(analytics.clone(), u64::MAX)
+            .await
+            .expect("queue");
+        let state = crm_analytics::api::AppState {
+            crm,
+            analytics,
+            queue: Arc::new(queue),
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let base = format!("http://{}", listener.local_addr().expect("addr"));
+        let stop = CancellationToken::new();
+        let tokens = crm_analytics::api::auth::Tokens::parse(&format!("other-token,{TOKEN}"));
+        let task = tokio::spawn(crm_analytics::api::serve_on(
+            listener,
+            state,
+            tokens,
+            stop.clone(),
+        ));
+        Self { base, stop, task }
+    }
+
+    pub async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
+}
+
+/// A client that does not follow redirects, so tests see them.
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("client")
+}
+
+/// GET with the token; returns status and JSON body.
+pub async fn get_json(base: &str, path: &str) -> (u16, serde_json::Value) {
+    let response = client()
+        .get(format!("{base}{path}"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .expect("request");
+    let status = response.status().as_u16();
+    let body = response.json().await.unwrap_or(serde_json::Value::Null);
+    (status, body)
+}
+
+/// Every page of a list, following `next`.
+pub async fn get_all(base: &str, path: &str) -> Vec<serde_json::Value> {
+    let mut url = format!("{base}{path}");
+    let mut rows = Vec::new();
+    loop {
+        let page: serde_json::Value = client()
+            .get(&url)
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .expect("request")
+            .json()
+            .await
+            .expect("json");
+        rows.extend(page["results"].as_array().expect("results").iter().cloned());
+        match page["next"].as_str() {
+            Some(next) => url = next.to_string(),
+            None => return rows,
+        }
+    }
+}

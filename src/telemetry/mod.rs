@@ -1,5 +1,8 @@
-//! Telemetry: structured logs through `tracing`, human-readable on a terminal and JSON
-//! with CRM_ANALYTICS_LOG_FORMAT=json. RUST_LOG filters (default: info).
+//! Telemetry: structured logs through `tracing` (human-readable on a terminal, JSON with
+//! CRM_ANALYTICS_LOG_FORMAT=json; RUST_LOG filters, default info) and Prometheus metrics,
+//! kept apart from the pipeline's logic.
+
+pub mod metrics;
 
 use tracing_subscriber::{fmt, EnvFilter};
 

@@ -1,0 +1,174 @@
+//! API: the REST API in Django REST Framework's conventions, health and readiness probes,
+//! Prometheus metrics, the OpenAPI document and the built-in dashboard, in one axum server.
+//!
+//! Paths under /api/ end in a slash (the same path without it redirects with 301), lists
+//! page with limit/offset, bad input gets 400 `{"detail": ...}`, and every /api/ route but
+//! the OpenAPI document needs a bearer token.
+
+pub mod auth;
+pub mod error;
+pub mod models;
+pub mod query;
+pub mod routes;
+
+use anyhow::Context;
+use axum::extract::State;
+use axum::http::{header, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{middleware, Json, Router};
+use sqlx::PgPool;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+
+use crate::queue::Queue;
+use auth::Tokens;
+use error::ApiError;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub crm: PgPool,
+    pub analytics: PgPool,
+    pub queue: Arc<dyn Queue>,
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "crm-analytics",
+        description = "Live, exact sales analytics from a PostgreSQL CRM. Lists page with limit/offset; money is a string with two decimals; dates are YYYY-MM-DD, months YYYY-MM."
+    ),
+    paths(
+        routes::daily_metrics,
+        routes::funnel_metrics,
+        routes::revenue_metrics,
+        routes::event_counts,
+        routes::health
+    ),
+    modifiers(&BearerSecurity)
+)]
+pub struct ApiDoc;
+
+struct BearerSecurity;
+
+impl Modify for BearerSecurity {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+/// The /api/ list and health routes, all behind the token check.
+const API_ROUTES: [&str; 5] = [
+    "/api/daily-metrics/",
+    "/api/funnel-metrics/",
+    "/api/revenue-metrics/",
+    "/api/event-counts/",
+    "/api/health/",
+];
+
+pub fn router(state: AppState, tokens: Tokens) -> Router {
+    let api = Router::new()
+        .route(API_ROUTES[0], get(routes::daily_metrics))
+        .route(API_ROUTES[1], get(routes::funnel_metrics))
+        .route(API_ROUTES[2], get(routes::revenue_metrics))
+        .route(API_ROUTES[3], get(routes::event_counts))
+        .route(API_ROUTES[4], get(routes::health))
+        .route_layer(middleware::from_fn_with_state(tokens, auth::require_token));
+    Router::new()
+        .merge(api)
+        .route("/api/openapi.json", get(openapi))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(prometheus))
+        .route("/", get(crate::dashboard::page))
+        .fallback(fallback)
+        .layer(tower_http::trace::TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+/// DRF's APPEND_SLASH: a known route without its slash redirects, keeping the query.
+async fn fallback(uri: Uri) -> Response {
+    let path = uri.path();
+    if !path.ends_with('/') {
+        let slashed = format!("{path}/");
+        if API_ROUTES.contains(&slashed.as_str()) {
+            let target = match uri.query() {
+                Some(q) => format!("{slashed}?{q}"),
+                None => slashed,
+            };
+            // 301 as Django's APPEND_SLASH answers (axum's permanent redirect is a 308).
+            return (StatusCode::MOVED_PERMANENTLY, [(header::LOCATION, target)]).into_response();
+        }
+    }
+    ApiError::NotFound.into_response()
+}
+
+async fn openapi() -> Json<utoipa::openapi::OpenApi> {
+    Json(ApiDoc::openapi())
+}
+
+async fn healthz() -> Json<serde_json::Value> {
+    Json(serde_json::json!({ "status": "ok" }))
+}
+
+async fn readyz(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
+    sqlx::query("SELECT 1")
+        .execute(&state.analytics)
+        .await
+        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+    Ok(Json(serde_json::json!({ "status": "ready" })))
+}
+
+/// Prometheus text format; the backlog gauges are read from the databases at each scrape.
+async fn prometheus(State(state): State<AppState>) -> Response {
+    if let Ok(status) = crate::status::read(&state.crm, &state.analytics, &*state.queue).await {
+        metrics::gauge!("crm_analytics_outbox_lag").set(status.outbox_lag as f64);
+        metrics::gauge!("crm_analytics_queue_depth").set(status.queue_depth as f64);
+        metrics::gauge!("crm_analytics_failed_events").set(status.failed_events as f64);
+    }
+    let body = crate::telemetry::metrics::prometheus().render();
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        body,
+    )
+        .into_response()
+}
+
+/// Serves until `shutdown` is cancelled.
+pub async fn serve(
+    listen: SocketAddr,
+    state: AppState,
+    tokens: Tokens,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}: choose another address with CRM_ANALYTICS_LISTEN or --listen"))?;
+    serve_on(listener, state, tokens, shutdown).await
+}
+
+/// Serves on a bound listener (tests bind port 0 and read the port back).
+pub async fn serve_on(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    tokens: Tokens,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    crate::telemetry::metrics::prometheus();
+    if tokens.is_empty() {
+        tracing::warn!("no API tokens configured: every /api/ request will get 401; set CRM_ANALYTICS_API_TOKENS");
+    }
+    tracing::info!(listen = %listener.local_addr()?, "serving the API, the dashboard and /metrics");
+    axum::serve(listener, router(state, tokens))
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,117 @@
+//! What the API returns: the result rows and their pages, with the JSON conventions of the
+//! contract (money as a string with two decimals, dates YYYY-MM-DD, months YYYY-MM).
+
+use chrono::NaiveDate;
+use rust_decimal::Decimal;
+use serde::{Serialize, Serializer};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+/// An exact amount, serialized as a string with two decimals ("1234.50").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Money(pub Decimal);
+
+impl Serialize for Money {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format!("{:.2}", self.0.round_dp(2)))
+    }
+}
+
+impl utoipa::PartialSchema for Money {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        utoipa::openapi::ObjectBuilder::new()
+            .schema_type(utoipa::openapi::schema::Type::String)
+            .pattern(Some(r"^-?\d+\.\d{2}$"))
+            .examples([serde_json::json!("1234.50")])
+            .into()
+    }
+}
+impl ToSchema for Money {}
+
+#[derive(Debug, Serialize, ToSchema, sqlx::FromRow)]
+pub struct DailyMetric {
+    pub account_id: Uuid,
+    #[schema(value_type = String, format = Date)]
+    pub date: NaiveDate,
+    pub leads_created: i64,
+    pub leads_converted: i64,
+    pub activities: i64,
+    pub deals_won: i64,
+    pub revenue_won: Money,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct FunnelMetric {
+    #[schema(value_type = String, format = Date)]
+    pub cohort_date: NaiveDate,
+    pub source: String,
+    pub new: i64,
+    pub contacted: i64,
+    pub qualified: i64,
+    pub converted: i64,
+    pub lost: i64,
+    pub total: i64,
+    /// converted / total, between 0 and 1.
+    pub conversion_rate: f64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RevenueMetric {
+    pub account_id: Uuid,
+    /// YYYY-MM
+    #[schema(pattern = r"^\d{4}-\d{2}$")]
+    pub month: String,
+    pub deals_won: i64,
+    pub revenue: Money,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct EventCount {
+    #[schema(value_type = String, format = Date)]
+    pub date: NaiveDate,
+    pub table: String,
+    pub operation: String,
+    pub processed: i64,
+    pub failed: i64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct LatencyMs {
+    pub p50: Option<f64>,
+    pub p99: Option<f64>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Health {
+    /// Events committed in the CRM, not yet handed to the queue.
+    pub outbox_lag: u64,
+    /// Events in the queue, waiting or being applied.
+    pub queue_depth: u64,
+    /// Events parked in failed_events.
+    pub failed_events: u64,
+    /// Commit-to-applied latency over the last five minutes; null without events.
+    pub latency_ms: LatencyMs,
+}
+
+macro_rules! page {
+    ($name:ident, $item:ty) => {
+        /// A page of results with DRF's limit/offset links.
+        #[derive(Debug, Serialize, ToSchema)]
+        pub struct $name {
+            pub count: i64,
+            pub next: Option<String>,
+            pub previous: Option<String>,
+            pub results: Vec<$item>,
+        }
+    };
+}
+
+page!(DailyMetricPage, DailyMetric);
+page!(FunnelMetricPage, FunnelMetric);
+page!(RevenueMetricPage, RevenueMetric);
+page!(EventCountPage, EventCount);
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorDetail {
+    pub detail: String,
+}

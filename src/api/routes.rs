@@ -1,0 +1,366 @@
+//! The /api/ endpoints: each validates its filters, counts, and reads one page of one
+//! aggregate table with bound parameters, ordered by the table's key columns.
+
+use axum::extract::{RawQuery, State};
+use axum::http::{HeaderMap, Uri};
+use axum::Json;
+use chrono::NaiveDate;
+use rust_decimal::Decimal;
+use sqlx::{Postgres, QueryBuilder};
+use utoipa::IntoParams;
+use uuid::Uuid;
+
+use super::error::ApiError;
+use super::models::*;
+use super::query::{Page, Params};
+use super::AppState;
+use crate::event::CrmTable;
+
+/// Filters of one list, as SQL conditions with bound values.
+#[derive(Default)]
+struct Filters {
+    conditions: Vec<(&'static str, Value)>,
+}
+
+enum Value {
+    Date(NaiveDate),
+    Uuid(Uuid),
+    Text(String),
+}
+
+impl Filters {
+    fn add<T>(&mut self, sql: &'static str, value: Option<T>, wrap: fn(T) -> Value) {
+        if let Some(v) = value {
+            self.conditions.push((sql, wrap(v)));
+        }
+    }
+
+    fn push_where(&self, q: &mut QueryBuilder<'_, Postgres>) {
+        q.push(" WHERE true");
+        for (sql, value) in &self.conditions {
+            q.push(" AND ").push(*sql);
+            match value {
+                Value::Date(d) => q.push_bind(*d),
+                Value::Uuid(u) => q.push_bind(*u),
+                Value::Text(t) => q.push_bind(t.clone()),
+            };
+        }
+    }
+}
+
+/// Counts the filtered rows of `table` and reads one page of them.
+async fn page_of<T>(
+    state: &AppState,
+    table: &str,
+    columns: &str,
+    order: &str,
+    filters: &Filters,
+    page: Page,
+) -> Result<(i64, Vec<T>), ApiError>
+where
+    T: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> + Send + Unpin,
+{
+    let mut count = QueryBuilder::new(format!("SELECT count(*) FROM {table}"));
+    filters.push_where(&mut count);
+    let total: i64 = count
+        .build_query_scalar()
+        .fetch_one(&state.analytics)
+        .await?;
+    let mut rows = QueryBuilder::new(format!("SELECT {columns} FROM {table}"));
+    filters.push_where(&mut rows);
+    rows.push(format!(" ORDER BY {order} LIMIT "))
+        .push_bind(page.limit)
+        .push(" OFFSET ")
+        .push_bind(page.offset);
+    let results = rows
+        .build_query_as::<T>()
+        .fetch_all(&state.analytics)
+        .await?;
+    Ok((total, results))
+}
+
+/// Filters of GET /api/daily-metrics/.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)]
+pub struct DailyQuery {
+    /// One day, YYYY-MM-DD (instead of from/to).
+    date: Option<String>,
+    /// First day, inclusive, YYYY-MM-DD.
+    from: Option<String>,
+    /// Last day, inclusive, YYYY-MM-DD.
+    to: Option<String>,
+    account_id: Option<Uuid>,
+    /// Page size, default 100, at most 1000.
+    limit: Option<i64>,
+    offset: Option<i64>,
+}
+
+/// Account-level daily rollups.
+#[utoipa::path(get, path = "/api/daily-metrics/", params(DailyQuery),
+    responses((status = 200, body = DailyMetricPage), (status = 400, body = ErrorDetail), (status = 401, body = ErrorDetail)),
+    security(("bearer" = [])))]
+pub async fn daily_metrics(
+    State(state): State<AppState>,
+    RawQuery(query): RawQuery,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Result<Json<DailyMetricPage>, ApiError> {
+    let params = Params::parse(query.as_deref());
+    let page = params.page()?;
+    let date = params.date("date")?;
+    let (from, to) = params.range(Params::date)?;
+    if date.is_some() && (from.is_some() || to.is_some()) {
+        return Err(ApiError::BadRequest(
+            "use either date or from/to, not both".into(),
+        ));
+    }
+    let mut filters = Filters::default();
+    filters.add("date = ", date, Value::Date);
+    filters.add("date >= ", from, Value::Date);
+    filters.add("date <= ", to, Value::Date);
+    filters.add("account_id = ", params.uuid("account_id")?, Value::Uuid);
+    type Row = (Uuid, NaiveDate, i64, i64, i64, i64, Decimal);
+    let (count, rows): (i64, Vec<Row>) = page_of(
+        &state,
+        "analytics.daily_account_metrics",
+        "account_id, date, leads_created, leads_converted, activities, deals_won, revenue_won",
+        "account_id, date",
+        &filters,
+        page,
+    )
+    .await?;
+    let (next, previous) = page.links(count, &uri, &headers);
+    Ok(Json(DailyMetricPage {
+        count,
+        next,
+        previous,
+        results: rows
+            .into_iter()
+            .map(|(account_id, date, lc, lv, a, dw, rw)| DailyMetric {
+                account_id,
+                date,
+                leads_created: lc,
+                leads_converted: lv,
+                activities: a,
+                deals_won: dw,
+                revenue_won: Money(rw),
+            })
+            .collect(),
+    }))
+}
+
+/// Filters of GET /api/funnel-metrics/.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)]
+pub struct FunnelQuery {
+    /// First cohort date, inclusive, YYYY-MM-DD.
+    from: Option<String>,
+    /// Last cohort date, inclusive, YYYY-MM-DD.
+    to: Option<String>,
+    source: Option<String>,
+    limit: Option<i64>,
+    offset: Option<i64>,
+}
+
+/// Lead conversion funnel by cohort (creation date) and source.
+#[utoipa::path(get, path = "/api/funnel-metrics/", params(FunnelQuery),
+    responses((status = 200, body = FunnelMetricPage), (status = 400, body = ErrorDetail), (status = 401, body = ErrorDetail)),
+    security(("bearer" = [])))]
+pub async fn funnel_metrics(
+    State(state): State<AppState>,
+    RawQuery(query): RawQuery,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Result<Json<FunnelMetricPage>, ApiError> {
+    let params = Params::parse(query.as_deref());
+    let page = params.page()?;
+    let (from, to) = params.range(Params::date)?;
+    let mut filters = Filters::default();
+    filters.add("cohort_date >= ", from, Value::Date);
+    filters.add("cohort_date <= ", to, Value::Date);
+    filters.add(
+        "source = ",
+        params.get("source").map(str::to_string),
+        Value::Text,
+    );
+    type Row = (NaiveDate, String, i64, i64, i64, i64, i64, i64);
+    let (count, rows): (i64, Vec<Row>) = page_of(
+        &state,
+        "analytics.lead_funnel_metrics",
+        "cohort_date, source, new, contacted, qualified, converted, lost, total",
+        "cohort_date, source",
+        &filters,
+        page,
+    )
+    .await?;
+    let (next, previous) = page.links(count, &uri, &headers);
+    Ok(Json(FunnelMetricPage {
+        count,
+        next,
+        previous,
+        results: rows
+            .into_iter()
+            .map(
+                |(cohort_date, source, new, contacted, qualified, converted, lost, total)| {
+                    FunnelMetric {
+                        cohort_date,
+                        source,
+                        new,
+                        contacted,
+                        qualified,
+                        converted,
+                        lost,
+                        total,
+                        conversion_rate: if total > 0 {
+                            converted as f64 / total as f64
+                        } else {
+                            0.0
+                        },
+                    }
+                },
+            )
+            .collect(),
+    }))
+}
+
+/// Filters of GET /api/revenue-metrics/.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)]
+pub struct RevenueQuery {
+    account_id: Option<Uuid>,
+    /// First month, inclusive, YYYY-MM.
+    from: Option<String>,
+    /// Last month, inclusive, YYYY-MM.
+    to: Option<String>,
+    limit: Option<i64>,
+    offset: Option<i64>,
+}
+
+/// Revenue of won deals by account and month.
+#[utoipa::path(get, path = "/api/revenue-metrics/", params(RevenueQuery),
+    responses((status = 200, body = RevenueMetricPage), (status = 400, body = ErrorDetail), (status = 401, body = ErrorDetail)),
+    security(("bearer" = [])))]
+pub async fn revenue_metrics(
+    State(state): State<AppState>,
+    RawQuery(query): RawQuery,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Result<Json<RevenueMetricPage>, ApiError> {
+    let params = Params::parse(query.as_deref());
+    let page = params.page()?;
+    let (from, to) = params.range(Params::month)?;
+    let mut filters = Filters::default();
+    filters.add("account_id = ", params.uuid("account_id")?, Value::Uuid);
+    filters.add("month >= ", from, Value::Date);
+    filters.add("month <= ", to, Value::Date);
+    type Row = (Uuid, NaiveDate, i64, Decimal);
+    let (count, rows): (i64, Vec<Row>) = page_of(
+        &state,
+        "analytics.revenue_metrics",
+        "account_id, month, deals_won, revenue",
+        "account_id, month",
+        &filters,
+        page,
+    )
+    .await?;
+    let (next, previous) = page.links(count, &uri, &headers);
+    Ok(Json(RevenueMetricPage {
+        count,
+        next,
+        previous,
+        results: rows
+            .into_iter()
+            .map(|(account_id, month, deals_won, revenue)| RevenueMetric {
+                account_id,
+                month: month.format("%Y-%m").to_string(),
+                deals_won,
+                revenue: Money(revenue),
+            })
+            .collect(),
+    }))
+}
+
+/// Filters of GET /api/event-counts/.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)]
+pub struct EventCountQuery {
+    /// First day, inclusive, YYYY-MM-DD.
+    from: Option<String>,
+    /// Last day, inclusive, YYYY-MM-DD.
+    to: Option<String>,
+    /// accounts, leads, projects or activities.
+    table: Option<String>,
+    limit: Option<i64>,
+    offset: Option<i64>,
+}
+
+/// Processing health: processed and failed events by day, table and operation.
+#[utoipa::path(get, path = "/api/event-counts/", params(EventCountQuery),
+    responses((status = 200, body = EventCountPage), (status = 400, body = ErrorDetail), (status = 401, body = ErrorDetail)),
+    security(("bearer" = [])))]
+pub async fn event_counts(
+    State(state): State<AppState>,
+    RawQuery(query): RawQuery,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Result<Json<EventCountPage>, ApiError> {
+    let params = Params::parse(query.as_deref());
+    let page = params.page()?;
+    let (from, to) = params.range(Params::date)?;
+    let tables = CrmTable::ALL.map(CrmTable::name);
+    let mut filters = Filters::default();
+    filters.add("date >= ", from, Value::Date);
+    filters.add("date <= ", to, Value::Date);
+    filters.add(
+        "table_name = ",
+        params.one_of("table", &tables)?,
+        Value::Text,
+    );
+    type Row = (NaiveDate, String, String, i64, i64);
+    let (count, rows): (i64, Vec<Row>) = page_of(
+        &state,
+        "analytics.event_counts",
+        "date, table_name, operation, processed, failed",
+        "date, table_name, operation",
+        &filters,
+        page,
+    )
+    .await?;
+    let (next, previous) = page.links(count, &uri, &headers);
+    Ok(Json(EventCountPage {
+        count,
+        next,
+        previous,
+        results: rows
+            .into_iter()
+            .map(|(date, table, operation, processed, failed)| EventCount {
+                date,
+                table,
+                operation,
+                processed,
+                failed,
+            })
+            .collect(),
+    }))
+}
+
+/// Pipeline health: the original design's monitoring points.
+#[utoipa::path(get, path = "/api/health/",
+    responses((status = 200, body = Health), (status = 401, body = ErrorDetail)),
+    security(("bearer" = [])))]
+pub async fn health(State(state): State<AppState>) -> Result<Json<Health>, ApiError> {
+    let status = crate::status::read(&state.crm, &state.analytics, &*state.queue).await?;
+    Ok(Json(Health {
+        outbox_lag: status.outbox_lag,
+        queue_depth: status.queue_depth,
+        failed_events: status.failed_events,
+        latency_ms: LatencyMs {
+            p50: status.latency_ms.as_ref().map(|l| l.p50),
+            p99: status.latency_ms.as_ref().map(|l| l.p99),
+        },
+    }))
+}

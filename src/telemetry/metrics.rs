@@ -1,0 +1,67 @@
+//! Metrics: the Prometheus recorder and one function per telemetry event, so that the
+//! pipeline's logic says what happened and this file alone decides how it is measured.
+
+use metrics::{counter, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+const SIZE_BUCKETS: &[f64] = &[1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0];
+
+/// Installs the process-wide recorder once and returns the handle that renders it.
+pub fn prometheus() -> &'static PrometheusHandle {
+    HANDLE.get_or_init(|| {
+        let builder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Suffix("seconds".into()), LATENCY_BUCKETS)
+            .and_then(|b| {
+                b.set_buckets_for_metric(
+                    Matcher::Full("crm_analytics_batch_size".into()),
+                    SIZE_BUCKETS,
+                )
+            });
+        let recorder = match builder {
+            Ok(builder) => builder.build_recorder(),
+            Err(_) => PrometheusBuilder::new().build_recorder(),
+        };
+        let handle = recorder.handle();
+        // Fails only if another recorder was installed first; ours then stays silent.
+        let _ = metrics::set_global_recorder(recorder);
+        handle
+    })
+}
+
+/// A batch was applied: its size, how long it took, and what it did.
+pub fn batch_applied(received: usize, applied: usize, duplicates: usize, took: Duration) {
+    histogram!("crm_analytics_batch_size").record(received as f64);
+    histogram!("crm_analytics_batch_duration_seconds").record(took.as_secs_f64());
+    counter!("crm_analytics_duplicates_total").increment(duplicates as u64);
+    let _ = applied;
+}
+
+/// An event was applied for the first time, `latency` after its transaction started.
+pub fn event_applied(table: &'static str, operation: &'static str, latency: Duration) {
+    counter!("crm_analytics_events_processed_total", "table" => table, "operation" => operation)
+        .increment(1);
+    histogram!("crm_analytics_event_latency_seconds").record(latency.as_secs_f64());
+}
+
+pub fn events_retried(n: usize) {
+    counter!("crm_analytics_retries_total").increment(n as u64);
+}
+
+pub fn events_parked(n: usize) {
+    counter!("crm_analytics_events_failed_total").increment(n as u64);
+}
+
+pub fn archive_written(objects: usize) {
+    counter!("crm_analytics_archive_objects_total").increment(objects as u64);
+}
+
+pub fn events_relayed(n: usize) {
+    counter!("crm_analytics_events_relayed_total").increment(n as u64);
+}

@@ -1,0 +1,500 @@
+//! The REST API against a live server on a real database: every endpoint and filter,
+//! pagination edges, every error case, authentication and the OpenAPI document.
+
+mod common;
+
+use common::{get_json, Server, TestDb, TOKEN};
+use serde_json::{json, Value};
+
+const A: &str = "00000000-0000-0000-0000-00000000000a";
+const B: &str = "00000000-0000-0000-0000-00000000000b";
+
+/// Known aggregate rows, written straight into the analytics tables.
+async fn seed(pool: &sqlx::PgPool) {
+    sqlx::raw_sql(&format!(
+        "INSERT INTO analytics.daily_account_metrics VALUES
+            ('{A}', '2026-03-01', 2, 0, 1, 0, 0),
+            ('{A}', '2026-03-02', 0, 1, 0, 1, 1234.5),
+            ('{B}', '2026-03-01', 1, 0, 0, 0, 0),
+            ('{B}', '2026-03-03', 0, 0, 3, 2, 0.1);
+         INSERT INTO analytics.lead_funnel_metrics VALUES
+            ('2026-03-01', 'web', 1, 1, 0, 2, 0, 4),
+            ('2026-03-01', 'event', 0, 0, 0, 0, 1, 1),
+            ('2026-03-02', 'web', 1, 0, 0, 0, 0, 1);
+         INSERT INTO analytics.revenue_metrics VALUES
+            ('{A}', '2026-02-01', 1, 10),
+            ('{A}', '2026-03-01', 1, 1234.5),
+            ('{B}', '2026-03-01', 2, 0.1);
+         INSERT INTO analytics.event_counts VALUES
+            ('2026-03-01', 'leads', 'insert', 5, 1),
+            ('2026-03-01', 'accounts', 'insert', 2, 0),
+            ('2026-03-02', 'leads', 'update', 3, 0);"
+    ))
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
+async fn setup() -> (TestDb, sqlx::PgPool, Server) {
+    let (db, pool) = TestDb::migrated().await;
+    seed(&pool).await;
+    let server = Server::start(&db).await;
+    (db, pool, server)
+}
+
+async fn teardown(db: TestDb, pool: sqlx::PgPool, server: Server) {
+    server.stop().await;
+    pool.close().await;
+    db.drop_db().await;
+}
+
+#[tokio::test]
+async fn api_routes_need_a_valid_bearer_token_and_probes_do_not() {
+    let (db, pool, server) = setup().await;
+    let client = common::client();
+    for path in [
+        "/api/daily-metrics/",
+        "/api/funnel-metrics/",
+        "/api/revenue-metrics/",
+        "/api/event-counts/",
+        "/api/health/",
+    ] {
+        let url = format!("{}{path}", server.base);
+        let none = client.get(&url).send().await.unwrap();
+        assert_eq!(none.status(), 401, "{path}");
+        assert_eq!(none.headers()["www-authenticate"], "Bearer");
+        let body: Value = none.json().await.unwrap();
+        assert_eq!(
+            body,
+            json!({"detail": "Authentication credentials were not provided."})
+        );
+        let wrong = client
+            .get(&url)
+            .bearer_auth("test-token-12")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(wrong.status(), 401, "{path}");
+        let body: Value = wrong.json().await.unwrap();
+        assert_eq!(body, json!({"detail": "Invalid token."}));
+        let basic = client
+            .get(&url)
+            .basic_auth("user", Some(TOKEN))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(basic.status(), 401, "{path}");
+        let right = client.get(&url).bearer_auth(TOKEN).send().await.unwrap();
+        assert_eq!(right.status(), 200, "{path}");
+        let second = client
+            .get(&url)
+            .bearer_auth("other-token")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(second.status(), 200, "every configured token is accepted");
+    }
+    for path in ["/healthz", "/readyz", "/api/openapi.json", "/metrics", "/"] {
+        let response = client
+            .get(format!("{}{path}", server.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "{path}");
+    }
+    teardown(db, pool, server).await;
+}
+
+#[tokio::test]
+async fn paths_follow_drf_slash_conventions() {
+    let (db, pool, server) = setup().await;
+    let client = common::client();
+    let response = client
+        .get(format!(
+            "{}/api/daily-metrics?date=2026-03-01&x=%20y",
+            server.base
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 301);
+    assert_eq!(
+        response.headers()["location"],
+        "/api/daily-metrics/?date=2026-03-01&x=%20y"
+    );
+    let response = client
+        .get(format!("{}/api/health", server.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 301);
+    assert_eq!(response.headers()["location"], "/api/health/");
+    for path in [
+        "/api/nope/",
+        "/api/nope",
+        "/api/openapi.json/",
+        "/api/",
+        "/elsewhere",
+    ] {
+        let response = client
+            .get(format!("{}{path}", server.base))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 404, "{path}");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body, json!({"detail": "Not found."}), "{path}");
+    }
+    teardown(db, pool, server).await;
+}
+
+#[tokio::test]
+async fn daily_metrics_filters_orders_and_formats() {
+    let (db, pool, server) = setup().await;
+    let (status, all) = get_json(&server.base, "/api/daily-metrics/").await;
+    assert_eq!(status, 200);
+    assert_eq!(all["count"], 4);
+    assert_eq!(all["next"], Value::Null);
+    assert_eq!(all["previous"], Value::Null);
+    assert_eq!(
+        all["results"][1],
+        json!({"account_id": A, "date": "2026-03-02", "leads_created": 0, "leads_converted": 1,
+               "activities": 0, "deals_won": 1, "revenue_won": "1234.50"})
+    );
+    let keys: Vec<(String, String)> = all["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["account_id"].as_str().unwrap().into(),
+                r["date"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    let mut sorted = keys.clone();
+    sorted.sort();
+    assert_eq!(keys, sorted, "ordered by account_id, date");
+    assert_eq!(all["results"][0]["revenue_won"], "0.00");
+    assert_eq!(all["results"][3]["revenue_won"], "0.10");
+
+    let (_, one_day) = get_json(&server.base, "/api/daily-metrics/?date=2026-03-01").await;
+    assert_eq!(one_day["count"], 2);
+    let (_, range) = get_json(
+        &server.base,
+        "/api/daily-metrics/?from=2026-03-02&to=2026-03-03",
+    )
+    .await;
+    assert_eq!(range["count"], 2, "from and to are inclusive");
+    let (_, account) = get_json(
+        &server.base,
+        &format!("/api/daily-metrics/?account_id={B}&from=2026-03-01"),
+    )
+    .await;
+    assert_eq!(account["count"], 2);
+    assert!(account["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|r| r["account_id"] == B));
+    let (_, upper) = get_json(
+        &server.base,
+        &format!("/api/daily-metrics/?account_id={}", B.to_uppercase()),
+    )
+    .await;
+    assert_eq!(upper["count"], 2, "uuids are accepted in any case");
+    let (_, ignored) = get_json(&server.base, "/api/daily-metrics/?unknown=1&format=xml").await;
+    assert_eq!(ignored["count"], 4, "unknown parameters are ignored");
+    teardown(db, pool, server).await;
+}
+
+#[tokio::test]
+async fn pagination_edges() {
+    let (db, pool, server) = setup().await;
+    sqlx::query(
+        "INSERT INTO analytics.event_counts (date, table_name, operation, processed)
+         SELECT DATE '2020-01-01' + i, 'projects', 'delete', 1 FROM generate_series(1, 1200) i",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let base = &server.base;
+    let (_, first) = get_json(base, "/api/event-counts/?table=projects").await;
+    assert_eq!(first["count"], 1200);
+    assert_eq!(
+        first["results"].as_array().unwrap().len(),
+        100,
+        "default limit 100"
+    );
+    assert_eq!(first["previous"], Value::Null);
+    assert_eq!(
+        first["next"],
+        format!("{base}/api/event-counts/?table=projects&limit=100&offset=100")
+    );
+
+    let (_, capped) = get_json(base, "/api/event-counts/?table=projects&limit=5000").await;
+    assert_eq!(
+        capped["results"].as_array().unwrap().len(),
+        1000,
+        "limit capped at 1000"
+    );
+
+    let (_, middle) = get_json(base, "/api/event-counts/?table=projects&limit=10&offset=15").await;
+    assert_eq!(middle["results"][0]["date"], "2020-01-17");
+    assert_eq!(
+        middle["previous"],
+        format!("{base}/api/event-counts/?table=projects&limit=10&offset=5")
+    );
+    let (_, near) = get_json(base, "/api/event-counts/?table=projects&limit=10&offset=10").await;
+    assert_eq!(
+        near["previous"],
+        format!("{base}/api/event-counts/?table=projects&limit=10"),
+        "offset 0 is dropped"
+    );
+
+    let (_, last) = get_json(
+        base,
+        "/api/event-counts/?table=projects&limit=100&offset=1100",
+    )
+    .await;
+    assert_eq!(last["results"].as_array().unwrap().len(), 100);
+    assert_eq!(last["next"], Value::Null);
+    let (status, past) = get_json(base, "/api/event-counts/?table=projects&offset=5000").await;
+    assert_eq!(status, 200);
+    assert_eq!(past["count"], 1200);
+    assert_eq!(past["results"], json!([]));
+    let all = common::get_all(base, "/api/event-counts/?table=projects&limit=333").await;
+    assert_eq!(all.len(), 1200, "following next visits every row once");
+    teardown(db, pool, server).await;
+}
+
+#[tokio::test]
+async fn funnel_revenue_event_counts_and_health() {
+    let (db, pool, server) = setup().await;
+    let base = &server.base;
+    let (_, funnel) = get_json(base, "/api/funnel-metrics/?from=2026-03-01&to=2026-03-01").await;
+    assert_eq!(funnel["count"], 2);
+    assert_eq!(
+        funnel["results"][0]["source"], "event",
+        "ordered by cohort_date, source"
+    );
+    assert_eq!(
+        funnel["results"][1],
+        json!({"cohort_date": "2026-03-01", "source": "web", "new": 1, "contacted": 1, "qualified": 0,
+               "converted": 2, "lost": 0, "total": 4, "conversion_rate": 0.5})
+    );
+    let (_, web) = get_json(base, "/api/funnel-metrics/?source=web").await;
+    assert_eq!(web["count"], 2);
+
+    let (_, revenue) = get_json(base, "/api/revenue-metrics/?from=2026-03&to=2026-03").await;
+    assert_eq!(revenue["count"], 2);
+    assert_eq!(
+        revenue["results"][0],
+        json!({"account_id": A, "month": "2026-03", "deals_won": 1, "revenue": "1234.50"})
+    );
+    let (_, of_a) = get_json(base, &format!("/api/revenue-metrics/?account_id={A}")).await;
+    assert_eq!(of_a["count"], 2);
+    assert_eq!(of_a["results"][0]["month"], "2026-02");
+
+    let (_, counts) = get_json(base, "/api/event-counts/?table=leads").await;
+    assert_eq!(counts["count"], 2);
+    assert_eq!(
+        counts["results"][0],
+        json!({"date": "2026-03-01", "table": "leads", "operation": "insert", "processed": 5, "failed": 1})
+    );
+    let (_, day) = get_json(base, "/api/event-counts/?from=2026-03-02").await;
+    assert_eq!(day["count"], 1);
+
+    let (status, health) = get_json(base, "/api/health/").await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        health,
+        json!({"outbox_lag": 0, "queue_depth": 0, "failed_events": 0, "latency_ms": {"p50": null, "p99": null}})
+    );
+    sqlx::query(
+        "INSERT INTO crm_analytics.latency_histogram VALUES (date_trunc('minute', now()), 10, 7)",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    sqlx::query("INSERT INTO accounts (name) VALUES ('waiting')")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let (_, health) = get_json(base, "/api/health/").await;
+    assert_eq!(health["outbox_lag"], 1);
+    assert!(health["latency_ms"]["p50"].as_f64().unwrap() > 9.0);
+    teardown(db, pool, server).await;
+}
+
+#[tokio::test]
+async fn bad_input_gets_400_with_what_is_wrong() {
+    let (db, pool, server) = setup().await;
+    let cases = [
+        ("/api/daily-metrics/?date=2026-13-01", "date"),
+        ("/api/daily-metrics/?date=yesterday", "YYYY-MM-DD"),
+        ("/api/daily-metrics/?from=2026-03-05&to=2026-03-01", "from"),
+        (
+            "/api/daily-metrics/?date=2026-03-01&from=2026-03-01",
+            "either",
+        ),
+        ("/api/daily-metrics/?account_id=not-a-uuid", "UUID"),
+        ("/api/daily-metrics/?limit=-1", "limit"),
+        ("/api/daily-metrics/?limit=0", "limit"),
+        ("/api/daily-metrics/?limit=abc", "limit"),
+        ("/api/daily-metrics/?offset=-5", "offset"),
+        ("/api/daily-metrics/?offset=1.5", "offset"),
+        ("/api/funnel-metrics/?from=2026-02-30", "from"),
+        ("/api/revenue-metrics/?from=2026-1", "YYYY-MM"),
+        ("/api/revenue-metrics/?to=2026-03-01", "YYYY-MM"),
+        ("/api/revenue-metrics/?from=2026-04&to=2026-03", "from"),
+        ("/api/revenue-metrics/?account_id=12", "UUID"),
+        (
+            "/api/event-counts/?table=bogus",
+            "accounts, leads, projects, activities",
+        ),
+        ("/api/event-counts/?limit=99999999999999999999", "limit"),
+    ];
+    for (path, mentions) in cases {
+        let (status, body) = get_json(&server.base, path).await;
+        assert_eq!(status, 400, "{path}: {body}");
+        let detail = body["detail"].as_str().unwrap_or_default();
+        assert!(detail.contains(mentions), "{path}: {detail}");
+    }
+    teardown(db, pool, server).await;
+}
+
+#[tokio::test]
+async fn openapi_document_lists_exactly_the_routes_and_matches_responses() {
+    let (db, pool, server) = setup().await;
+    let doc: Value = common::client()
+        .get(format!("{}/api/openapi.json", server.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
+    let mut paths: Vec<&str> = doc["paths"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    paths.sort();
+    assert_eq!(
+        paths,
+        [
+            "/api/daily-metrics/",
+            "/api/event-counts/",
+            "/api/funnel-metrics/",
+            "/api/health/",
+            "/api/revenue-metrics/"
+        ]
+    );
+    let schemas = &doc["components"]["schemas"];
+    let properties = |name: &str| -> Vec<String> {
+        let mut keys: Vec<String> = schemas[name]["properties"]
+            .as_object()
+            .unwrap_or_else(|| panic!("schema {name}"))
+            .keys()
+            .cloned()
+            .collect();
+        keys.sort();
+        keys
+    };
+    let keys = |v: &Value| -> Vec<String> {
+        let mut keys: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
+        keys.sort();
+        keys
+    };
+    for (path, page, item) in [
+        ("/api/daily-metrics/", "DailyMetricPage", "DailyMetric"),
+        ("/api/funnel-metrics/", "FunnelMetricPage", "FunnelMetric"),
+        (
+            "/api/revenue-metrics/",
+            "RevenueMetricPage",
+            "RevenueMetric",
+        ),
+        ("/api/event-counts/", "EventCountPage", "EventCount"),
+    ] {
+        let op = &doc["paths"][path]["get"];
+        let reference = op["responses"]["200"]["content"]["application/json"]["schema"]["$ref"]
+            .as_str()
+            .unwrap();
+        assert!(reference.ends_with(page), "{path}: {reference}");
+        let mut params: Vec<&str> = op["parameters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["name"].as_str().unwrap())
+            .collect();
+        params.sort();
+        assert!(
+            params.contains(&"limit") && params.contains(&"offset"),
+            "{path}: {params:?}"
+        );
+        let (_, body) = get_json(&server.base, path).await;
+        assert_eq!(keys(&body), properties(page), "{path}");
+        assert_eq!(keys(&body["results"][0]), properties(item), "{path}");
+    }
+    let (_, health) = get_json(&server.base, "/api/health/").await;
+    assert_eq!(keys(&health), properties("Health"));
+    assert!(doc["components"]["securitySchemes"]["bearer"].is_object());
+    teardown(db, pool, server).await;
+}
+
+#[tokio::test]
+async fn analytics_reader_reads_analytics_only() {
+    let (db, pool) = TestDb::migrated().await;
+    seed(&pool).await;
+    let login = format!("bi_{}", &db.name[db.name.len() - 10..]);
+    sqlx::raw_sql(&format!(
+        "CREATE ROLE {login} LOGIN IN ROLE analytics_reader"
+    ))
+    .execute(&pool)
+    .await
+    .unwrap();
+    let url = format!(
+        "{}/{}",
+        common::server_url().replace("postgres@", &format!("{login}@")),
+        db.name
+    );
+    let reader = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&url)
+        .await
+        .unwrap();
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM analytics.daily_account_metrics")
+        .fetch_one(&reader)
+        .await
+        .unwrap();
+    assert_eq!(n, 4);
+    for denied in [
+        "SELECT 1 FROM crm_analytics.event_outbox",
+        "SELECT 1 FROM crm_analytics.failed_events",
+        "SELECT 1 FROM public.leads",
+        "DELETE FROM analytics.daily_account_metrics",
+    ] {
+        let error = sqlx::query(denied)
+            .execute(&reader)
+            .await
+            .expect_err(denied);
+        assert!(
+            error.to_string().contains("permission denied"),
+            "{denied}: {error}"
+        );
+    }
+    reader.close().await;
+    pool.close().await;
+    db.drop_db().await;
+    let mut admin: sqlx::PgConnection =
+        sqlx::Connection::connect(&format!("{}/postgres", common::server_url()))
+            .await
+            .unwrap();
+    let _ = sqlx::raw_sql(&format!("DROP ROLE IF EXISTS {login}"))
+        .execute(&mut admin)
+        .await;
+}
