@@ -40,7 +40,11 @@ async fn migrate_is_idempotent_and_versioned() {
     .unwrap();
     assert_eq!(
         versions,
-        vec![("analytics".into(), 1), ("capture".into(), 1)]
+        vec![
+            ("analytics".into(), 1),
+            ("analytics".into(), 2),
+            ("capture".into(), 1)
+        ]
     );
     pool.close().await;
     db.drop_db().await;
