@@ -1,0 +1,162 @@
+//! After a random CRM workload drains, the API's numbers equal a full SQL recomputation
+//! over the CRM tables.
+
+mod common;
+
+use common::{Server, TestDb};
+use crm_analytics::aggregates::recompute;
+use crm_analytics::workload::{self, WorkloadConfig, WorkloadStats};
+use rust_decimal::Decimal;
+use std::collections::BTreeMap;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+#[tokio::test]
+async fn api_numbers_equal_a_recomputation_after_a_random_workload() {
+    let (db, pool) = TestDb::migrated().await;
+    let running = common::start(&db, &db.args()).await;
+    let config = WorkloadConfig {
+        writers: 3,
+        transactions_per_writer: Some(300),
+        rollback_ratio: 0.1,
+        seed: 17,
+        crm_schema: "public".into(),
+    };
+    workload::run(
+        &pool,
+        &config,
+        Arc::new(WorkloadStats::default()),
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    common::drain(&pool, Duration::from_secs(60)).await;
+    running.stop().await;
+
+    let expected = recompute::compute(&mut *pool.acquire().await.unwrap(), "public")
+        .await
+        .unwrap();
+    let server = Server::start(&db).await;
+    let money =
+        |v: &serde_json::Value| Decimal::from_str(v.as_str().expect("money is a string")).unwrap();
+
+    let mut daily = BTreeMap::new();
+    for r in common::get_all(&server.base, "/api/daily-metrics/?limit=250").await {
+        let key = (
+            r["account_id"].as_str().unwrap().to_string(),
+            r["date"].as_str().unwrap().to_string(),
+        );
+        let value = (
+            r["leads_created"].as_i64().unwrap(),
+            r["leads_converted"].as_i64().unwrap(),
+            r["activities"].as_i64().unwrap(),
+            r["deals_won"].as_i64().unwrap(),
+            money(&r["revenue_won"]),
+        );
+        assert!(
+            daily.insert(key, value).is_none(),
+            "no row twice across pages"
+        );
+    }
+    let want: BTreeMap<_, _> = expected
+        .daily
+        .iter()
+        .map(|((a, d), v)| {
+            (
+                (a.to_string(), d.to_string()),
+                (
+                    v.leads_created,
+                    v.leads_converted,
+                    v.activities,
+                    v.deals_won,
+                    v.revenue_won,
+                ),
+            )
+        })
+        .collect();
+    assert!(want.len() > 20);
+    assert_eq!(daily, want);
+
+    let mut funnel = BTreeMap::new();
+    for r in common::get_all(&server.base, "/api/funnel-metrics/?limit=77").await {
+        let key = (
+            r["cohort_date"].as_str().unwrap().to_string(),
+            r["source"].as_str().unwrap().to_string(),
+        );
+        let total = r["total"].as_i64().unwrap();
+        let converted = r["converted"].as_i64().unwrap();
+        let rate = r["conversion_rate"].as_f64().unwrap();
+        assert!(
+            (rate - converted as f64 / total as f64).abs() < 1e-12 && (0.0..=1.0).contains(&rate)
+        );
+        funnel.insert(
+            key,
+            [
+                r["new"].as_i64().unwrap(),
+                r["contacted"].as_i64().unwrap(),
+                r["qualified"].as_i64().unwrap(),
+                converted,
+                r["lost"].as_i64().unwrap(),
+                total,
+            ],
+        );
+    }
+    let want: BTreeMap<_, _> = expected
+        .funnel
+        .iter()
+        .map(|((d, s), v)| {
+            (
+                (d.to_string(), s.clone()),
+                [
+                    v.new,
+                    v.contacted,
+                    v.qualified,
+                    v.converted,
+                    v.lost,
+                    v.total,
+                ],
+            )
+        })
+        .collect();
+    assert_eq!(funnel, want);
+
+    let mut revenue = BTreeMap::new();
+    for r in common::get_all(&server.base, "/api/revenue-metrics/?limit=50").await {
+        let key = (
+            r["account_id"].as_str().unwrap().to_string(),
+            r["month"].as_str().unwrap().to_string(),
+        );
+        revenue.insert(
+            key,
+            (r["deals_won"].as_i64().unwrap(), money(&r["revenue"])),
+        );
+    }
+    let want: BTreeMap<_, _> = expected
+        .revenue
+        .iter()
+        .map(|((a, m), v)| {
+            (
+                (a.to_string(), m.format("%Y-%m").to_string()),
+                (v.deals_won, v.revenue),
+            )
+        })
+        .collect();
+    assert!(want.len() > 3);
+    assert_eq!(revenue, want);
+
+    let processed: i64 = common::get_all(&server.base, "/api/event-counts/?limit=1000")
+        .await
+        .iter()
+        .map(|r| r["processed"].as_i64().unwrap())
+        .sum();
+    let applied: i64 = sqlx::query_scalar("SELECT count(*) FROM crm_analytics.applied_events")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(processed, applied);
+    server.stop().await;
+    pool.close().await;
+    db.drop_db().await;
+}

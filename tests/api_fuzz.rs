@@ -1,0 +1,129 @@
+//! Property: random query strings and headers on every route never get a 500 and never
+//! panic the server; /api/ answers are always JSON.
+
+mod common;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use common::TestDb;
+use crm_analytics::api::{auth::Tokens, router, AppState};
+use crm_analytics::queue::postgres::PostgresQueue;
+use http_body_util::BodyExt;
+use proptest::prelude::*;
+use std::sync::Arc;
+use tower::ServiceExt;
+
+const ROUTES: [&str; 12] = [
+    "/api/daily-metrics/",
+    "/api/funnel-metrics/",
+    "/api/revenue-metrics/",
+    "/api/event-counts/",
+    "/api/health/",
+    "/api/daily-metrics",
+    "/api/openapi.json",
+    "/api/unknown/",
+    "/healthz",
+    "/readyz",
+    "/metrics",
+    "/",
+];
+const NAMES: [&str; 12] = [
+    "date",
+    "from",
+    "to",
+    "account_id",
+    "source",
+    "table",
+    "limit",
+    "offset",
+    "x",
+    "",
+    "limit[]",
+    "%",
+];
+
+fn value() -> impl Strategy<Value = String> {
+    prop_oneof![
+        Just("2026-03-01".to_string()),
+        Just("2026-03".to_string()),
+        Just("00000000-0000-0000-0000-00000000000a".to_string()),
+        Just("leads".to_string()),
+        (-5i64..5_000).prop_map(|n| n.to_string()),
+        any::<i64>().prop_map(|n| n.to_string()),
+        "[ -~]{0,12}",
+        "\\PC{0,8}",
+        Just("%ZZ%00%FF".to_string()),
+        Just("9".repeat(40)),
+    ]
+}
+
+fn query() -> impl Strategy<Value = String> {
+    prop::collection::vec((prop::sample::select(NAMES.to_vec()), value()), 0..6).prop_map(|pairs| {
+        pairs
+            .into_iter()
+            .map(|(k, v)| {
+                let v: String = url::form_urlencoded::byte_serialize(v.as_bytes()).collect();
+                // Sometimes raw, sometimes encoded: both must be safe.
+                if v.len() % 3 == 0 {
+                    format!("{k}={v}")
+                } else {
+                    format!("{k}={}", v.replace('+', " ").replace(' ', "%20"))
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("&")
+    })
+}
+
+fn authorization() -> impl Strategy<Value = Option<String>> {
+    prop_oneof![
+        Just(None),
+        Just(Some(format!("Bearer {}", common::TOKEN))),
+        Just(Some("Bearer ".to_string())),
+        Just(Some("Basic dXNlcjpwYXNz".to_string())),
+        "[ -~]{0,40}".prop_map(Some),
+    ]
+}
+
+#[test]
+fn random_queries_and_headers_never_get_a_500() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (db, app) = runtime.block_on(async {
+        let (db, pool) = TestDb::migrated().await;
+        sqlx::raw_sql(
+            "INSERT INTO analytics.daily_account_metrics VALUES ('00000000-0000-0000-0000-00000000000a', '2026-03-01', 1, 0, 0, 0, 1.5);
+             INSERT INTO analytics.lead_funnel_metrics VALUES ('2026-03-01', 'web', 1, 0, 0, 0, 0, 1);",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+        let queue = PostgresQueue::connect(pool.clone(), u64::MAX).await.unwrap();
+        let state = AppState { crm: pool.clone(), analytics: pool.clone(), queue: Arc::new(queue) };
+        (db, router(state, Tokens::parse(common::TOKEN)))
+    });
+    let config = ProptestConfig {
+        cases: 400,
+        ..ProptestConfig::default()
+    };
+    proptest!(config, |(route in prop::sample::select(ROUTES.to_vec()), query in query(), auth in authorization(),
+                        accept in prop::option::of("[ -~]{0,20}"), host in prop::option::of("[a-z0-9.:-]{0,20}"))| {
+        let uri = if query.is_empty() { route.to_string() } else { format!("{route}?{query}") };
+        let Ok(mut request) = Request::get(&uri).body(Body::empty()) else { return Ok(()); };
+        for (name, value) in [("authorization", auth), ("accept", accept), ("host", host)] {
+            if let Some(Ok(value)) = value.map(|v| axum::http::HeaderValue::from_str(&v)) {
+                request.headers_mut().insert(name, value);
+            }
+        }
+        let (status, body) = runtime.block_on(async {
+            let response = app.clone().oneshot(request).await.expect("infallible");
+            let status = response.status();
+            (status, response.into_body().collect().await.expect("body").to_bytes())
+        });
+        prop_assert!(status != StatusCode::INTERNAL_SERVER_ERROR, "{uri}: 500 {body:?}");
+        prop_assert!(status.as_u16() < 500, "{uri}: {status}");
+        if route.starts_with("/api/") && status != StatusCode::MOVED_PERMANENTLY {
+            prop_assert!(serde_json::from_slice::<serde_json::Value>(&body).is_ok(), "{uri}: {status} not JSON");
+        }
+    });
+    runtime.block_on(db.drop_db());
+}

@@ -1,0 +1,203 @@
+//! The dashboard as a person sees it: headless Chromium loads the page from a live server,
+//! runs its script against the API, and the panels must show the numbers the API returns.
+//! A screenshot is saved next to the test's build output.
+
+mod common;
+
+use common::{Server, TestDb};
+use crm_analytics::workload::{self, WorkloadConfig, WorkloadStats};
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+fn chromium() -> Option<PathBuf> {
+    ["chromium", "chromium-browser", "google-chrome"]
+        .iter()
+        .find_map(|name| {
+            let out = Command::new("which").arg(name).output().ok()?;
+            out.status
+                .success()
+                .then(|| PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+        })
+}
+
+/// Runs headless Chromium on `url` with the flags this machine needs, plus `extra`.
+fn headless(browser: &PathBuf, profile: &PathBuf, url: &str, extra: &[&str]) -> String {
+    let output = Command::new(browser)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--hide-scrollbars",
+            "--window-size=1400,1000",
+            "--virtual-time-budget=10000",
+            &format!("--user-data-dir={}", profile.display()),
+        ])
+        .args(extra)
+        .arg(url)
+        .output()
+        .expect("run chromium");
+    assert!(
+        output.status.success(),
+        "chromium failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// The data-value of the element with `id` in the rendered DOM.
+fn value_of(dom: &str, id: &str) -> String {
+    let marker = format!("id=\"{id}\" data-value=\"");
+    let start = dom
+        .find(&marker)
+        .unwrap_or_else(|| panic!("no element {id} in the page"))
+        + marker.len();
+    dom[start..]
+        .split('"')
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+// Multi-threaded: the server must keep answering while this thread waits for Chromium.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_shows_what_the_api_returns() {
+    let Some(browser) = chromium() else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must install chromium (see .ci/run)"
+        );
+        eprintln!("skipping the browser test: no chromium on this machine");
+        return;
+    };
+    let (db, pool) = TestDb::migrated().await;
+    let running = common::start(&db, &db.args()).await;
+    let config = WorkloadConfig {
+        writers: 2,
+        transactions_per_writer: Some(250),
+        rollback_ratio: 0.05,
+        seed: 5,
+        crm_schema: "public".into(),
+    };
+    workload::run(
+        &pool,
+        &config,
+        Arc::new(WorkloadStats::default()),
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    common::drain(&pool, Duration::from_secs(60)).await;
+    running.stop().await;
+    let server = Server::start(&db).await;
+
+    // What the page should show for its default range, the last 90 days (UTC), from the API.
+    let to = chrono::Utc::now().date_naive();
+    let from = to - chrono::Duration::days(89);
+    let funnel = common::get_all(
+        &server.base,
+        &format!("/api/funnel-metrics/?from={from}&to={to}&limit=1000"),
+    )
+    .await;
+    let daily = common::get_all(
+        &server.base,
+        &format!("/api/daily-metrics/?from={from}&to={to}&limit=1000"),
+    )
+    .await;
+    let sum = |rows: &[serde_json::Value], field: &str| {
+        rows.iter().map(|r| r[field].as_i64().unwrap()).sum::<i64>()
+    };
+    let (total, converted, lost) = (
+        sum(&funnel, "total"),
+        sum(&funnel, "converted"),
+        sum(&funnel, "lost"),
+    );
+    let revenue: rust_decimal::Decimal = daily
+        .iter()
+        .map(|r| {
+            r["revenue_won"]
+                .as_str()
+                .unwrap()
+                .parse::<rust_decimal::Decimal>()
+                .unwrap()
+        })
+        .sum();
+    assert!(
+        total > 50 && sum(&daily, "deals_won") > 5,
+        "enough data to show"
+    );
+
+    let profile = std::env::temp_dir().join(format!("chromium-{}", db.name));
+    let url = format!("{}/#token={}", server.base, common::TOKEN);
+    let dom = headless(&browser, &profile, &url, &["--dump-dom"]);
+    assert!(
+        dom.contains("data-ready=\"1\""),
+        "the page rendered its data: {}",
+        &dom[..dom.len().min(500)]
+    );
+    assert_eq!(value_of(&dom, "kpi-leads"), total.to_string());
+    assert_eq!(
+        value_of(&dom, "kpi-conversion"),
+        format!("{:.4}", converted as f64 / total as f64)
+    );
+    assert_eq!(
+        value_of(&dom, "kpi-deals"),
+        sum(&daily, "deals_won").to_string()
+    );
+    assert_eq!(value_of(&dom, "kpi-revenue"), format!("{revenue:.2}"));
+    assert_eq!(value_of(&dom, "funnel-total"), total.to_string());
+    assert_eq!(value_of(&dom, "funnel-converted"), converted.to_string());
+    assert_eq!(value_of(&dom, "funnel-lost"), lost.to_string());
+    let (_, health) = common::get_json(&server.base, "/api/health/").await;
+    assert_eq!(
+        value_of(&dom, "health-outbox"),
+        health["outbox_lag"].to_string()
+    );
+    assert_eq!(
+        value_of(&dom, "health-queue"),
+        health["queue_depth"].to_string()
+    );
+    assert_eq!(
+        value_of(&dom, "health-failed"),
+        health["failed_events"].to_string()
+    );
+    assert!(!value_of(&dom, "health-p50").is_empty() && !value_of(&dom, "health-p99").is_empty());
+    let revenue_bars = dom.matches("<rect class=\"b\"").count();
+    let activity_bars = dom.matches("<rect class=\"a\"").count();
+    assert!(
+        (3..=4).contains(&revenue_bars),
+        "one bar per month in range: {revenue_bars}"
+    );
+    assert!(
+        activity_bars > 30,
+        "one bar per active day: {activity_bars}"
+    );
+
+    let shot = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("dashboard.png");
+    let _ = std::fs::remove_file(&shot);
+    headless(
+        &browser,
+        &profile,
+        &url,
+        &[&format!("--screenshot={}", shot.display())],
+    );
+    let size = std::fs::metadata(&shot).expect("screenshot written").len();
+    assert!(
+        size > 20_000,
+        "a screenshot of a filled page, not a blank one: {size} bytes"
+    );
+    println!("dashboard screenshot: {}", shot.display());
+
+    let _ = std::fs::remove_dir_all(&profile);
+    server.stop().await;
+    pool.close().await;
+    db.drop_db().await;
+}
