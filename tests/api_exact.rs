@@ -35,7 +35,7 @@ async fn api_numbers_equal_a_recomputation_after_a_random_workload() {
     common::drain(&pool, Duration::from_secs(60)).await;
     running.stop().await;
 
-    let expected = recompute::compute(&mut *pool.acquire().await.unwrap(), "public")
+    let expected = recompute::compute(&mut pool.acquire().await.unwrap(), "public")
         .await
         .unwrap();
     let server = Server::start(&db).await;
