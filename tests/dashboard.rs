@@ -6,7 +6,7 @@ mod common;
 
 use common::{Server, TestDb};
 use crm_analytics::workload::{self, WorkloadConfig, WorkloadStats};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,7 +24,7 @@ fn chromium() -> Option<PathBuf> {
 }
 
 /// Runs headless Chromium on `url` with the flags this machine needs, plus `extra`.
-fn headless(browser: &PathBuf, profile: &PathBuf, url: &str, extra: &[&str]) -> String {
+fn headless(browser: &Path, profile: &Path, url: &str, extra: &[&str]) -> String {
     let output = Command::new(browser)
         .args([
             "--headless",
