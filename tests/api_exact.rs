@@ -160,3 +160,54 @@ async fn api_numbers_equal_a_recomputation_after_a_random_workload() {
     pool.close().await;
     db.drop_db().await;
 }
+
+#[tokio::test]
+async fn metrics_expose_the_monitoring_points() {
+    let (db, pool) = TestDb::migrated().await;
+    let server = Server::start(&db).await;
+    let running = common::start(&db, &db.args()).await;
+    sqlx::raw_sql("INSERT INTO accounts (name) SELECT 'm' || i FROM generate_series(1, 40) i")
+        .execute(&pool)
+        .await
+        .unwrap();
+    common::drain(&pool, Duration::from_secs(30)).await;
+    running.stop().await;
+    sqlx::query("INSERT INTO accounts (name) VALUES ('waiting')")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let text = common::client()
+        .get(format!("{}/metrics", server.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let value = |line_start: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(line_start))
+            .unwrap_or_else(|| panic!("no {line_start} in /metrics:\n{text}"))
+            .rsplit(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    assert!(
+        value("crm_analytics_events_processed_total{table=\"accounts\",operation=\"insert\"}")
+            >= 40.0
+    );
+    assert_eq!(value("crm_analytics_outbox_lag "), 1.0);
+    assert_eq!(value("crm_analytics_queue_depth "), 0.0);
+    assert_eq!(value("crm_analytics_failed_events "), 0.0);
+    assert!(value("crm_analytics_event_latency_seconds_count") >= 40.0);
+    assert!(value("crm_analytics_batch_size_count") >= 1.0);
+    assert!(value("crm_analytics_events_relayed_total") >= 40.0);
+    assert!(value("crm_analytics_archive_objects_total") >= 1.0);
+    assert!(text.contains("crm_analytics_batch_duration_seconds_bucket"));
+    assert!(text.contains("crm_analytics_retries_total"));
+    server.stop().await;
+    pool.close().await;
+    db.drop_db().await;
+}

@@ -26,6 +26,7 @@ fn spawn_run(db: &TestDb) -> Child {
         .env("CRM_ANALYTICS_BATCH_SIZE", "100")
         .env("CRM_ANALYTICS_POLL_INTERVAL", "200ms")
         .env("CRM_ANALYTICS_RETRY_BACKOFF", "100ms")
+        .env("CRM_ANALYTICS_LISTEN", "127.0.0.1:0")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .kill_on_drop(true)

@@ -83,12 +83,7 @@ async fn work(
                 let started = std::time::Instant::now();
                 let outcome = handle(batch, applier, config).await;
                 if let Ok(report) = &outcome {
-                    telemetry::batch_applied(
-                        report.received,
-                        report.applied,
-                        report.duplicates,
-                        started.elapsed(),
-                    );
+                    telemetry::batch_applied(report.received, report.duplicates, started.elapsed());
                     telemetry::events_retried(report.retried);
                     telemetry::events_parked(report.parked);
                 }
