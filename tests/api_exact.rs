@@ -5,35 +5,15 @@ mod common;
 
 use common::{Server, TestDb};
 use crm_analytics::aggregates::recompute;
-use crm_analytics::workload::{self, WorkloadConfig, WorkloadStats};
 use rust_decimal::Decimal;
 use std::collections::BTreeMap;
 use std::str::FromStr;
-use std::sync::Arc;
 use std::time::Duration;
-use tokio_util::sync::CancellationToken;
 
 #[tokio::test]
 async fn api_numbers_equal_a_recomputation_after_a_random_workload() {
     let (db, pool) = TestDb::migrated().await;
-    let running = common::start(&db, &db.args()).await;
-    let config = WorkloadConfig {
-        writers: 3,
-        transactions_per_writer: Some(300),
-        rollback_ratio: 0.1,
-        seed: 17,
-        crm_schema: "public".into(),
-    };
-    workload::run(
-        &pool,
-        &config,
-        Arc::new(WorkloadStats::default()),
-        CancellationToken::new(),
-    )
-    .await
-    .unwrap();
-    common::drain(&pool, Duration::from_secs(60)).await;
-    running.stop().await;
+    common::workload_through_pipeline(&db, &pool, 3, 300, 17).await;
 
     let expected = recompute::compute(&mut pool.acquire().await.unwrap(), "public")
         .await

@@ -34,6 +34,17 @@ fn spawn_run(db: &TestDb) -> Child {
         .expect("start crm-analytics run")
 }
 
+/// Sends SIGTERM and expects a clean exit within 15 seconds.
+async fn terminate(mut child: Child) {
+    let pid = Pid::from_raw(child.id().expect("pid") as i32);
+    kill(pid, Signal::SIGTERM).expect("SIGTERM");
+    let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
+        .await
+        .expect("stops within 15 s of SIGTERM")
+        .expect("exit status");
+    assert!(status.success(), "graceful stop exits 0: {status:?}");
+}
+
 #[tokio::test]
 async fn sigkill_at_random_moments_loses_nothing_and_doubles_nothing() {
     let (db, pool) = TestDb::migrated().await;
@@ -63,17 +74,11 @@ async fn sigkill_at_random_moments_loses_nothing_and_doubles_nothing() {
     writers.await.unwrap().expect("workload");
     assert!(stats.committed() > 1000);
 
-    let mut child = spawn_run(&db);
+    let child = spawn_run(&db);
     common::drain(&pool, Duration::from_secs(90)).await;
     // Give it time to install its signal handlers even if there was nothing left to drain.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let pid = Pid::from_raw(child.id().expect("pid") as i32);
-    kill(pid, Signal::SIGTERM).expect("SIGTERM");
-    let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
-        .await
-        .expect("stops within 15 s of SIGTERM")
-        .expect("exit status");
-    assert!(status.success(), "graceful stop exits 0: {status:?}");
+    terminate(child).await;
 
     common::assert_nontrivial(&pool).await;
     common::assert_exact(&pool).await;
@@ -92,15 +97,9 @@ async fn sigterm_under_load_finishes_or_releases_batches() {
     .execute(&pool)
     .await
     .unwrap();
-    let mut child = spawn_run(&db);
+    let child = spawn_run(&db);
     tokio::time::sleep(Duration::from_millis(700)).await;
-    let pid = Pid::from_raw(child.id().expect("pid") as i32);
-    kill(pid, Signal::SIGTERM).expect("SIGTERM");
-    let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
-        .await
-        .expect("stops within 15 s of SIGTERM")
-        .expect("exit status");
-    assert!(status.success());
+    terminate(child).await;
     // Whatever was not applied is still waiting, not lost: a new process finishes it.
     let mut child = spawn_run(&db);
     common::drain(&pool, Duration::from_secs(60)).await;

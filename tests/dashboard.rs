@@ -5,12 +5,8 @@
 mod common;
 
 use common::{Server, TestDb};
-use crm_analytics::workload::{self, WorkloadConfig, WorkloadStats};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Arc;
-use std::time::Duration;
-use tokio_util::sync::CancellationToken;
 
 fn chromium() -> Option<PathBuf> {
     ["chromium", "chromium-browser", "google-chrome"]
@@ -79,24 +75,7 @@ async fn the_dashboard_shows_what_the_api_returns() {
         return;
     };
     let (db, pool) = TestDb::migrated().await;
-    let running = common::start(&db, &db.args()).await;
-    let config = WorkloadConfig {
-        writers: 2,
-        transactions_per_writer: Some(250),
-        rollback_ratio: 0.05,
-        seed: 5,
-        crm_schema: "public".into(),
-    };
-    workload::run(
-        &pool,
-        &config,
-        Arc::new(WorkloadStats::default()),
-        CancellationToken::new(),
-    )
-    .await
-    .unwrap();
-    common::drain(&pool, Duration::from_secs(60)).await;
-    running.stop().await;
+    common::workload_through_pipeline(&db, &pool, 2, 250, 5).await;
     let server = Server::start(&db).await;
 
     // What the page should show for its default range, the last 90 days (UTC), from the API.

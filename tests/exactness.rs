@@ -8,33 +8,13 @@ use chrono::NaiveDate;
 use common::TestDb;
 use crm_analytics::event::Envelope;
 use crm_analytics::queue::{postgres::PostgresQueue, Queue, QueueError, ReceivedBatch};
-use crm_analytics::workload::{self, WorkloadConfig, WorkloadStats};
 use rust_decimal::Decimal;
 use std::collections::HashSet;
 use std::io::Read;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
-
-fn workload(writers: usize, transactions: u64, seed: u64) -> WorkloadConfig {
-    WorkloadConfig {
-        writers,
-        transactions_per_writer: Some(transactions),
-        rollback_ratio: 0.1,
-        seed,
-        crm_schema: "public".into(),
-    }
-}
-
-async fn run_workload(pool: &sqlx::PgPool, config: WorkloadConfig) -> Arc<WorkloadStats> {
-    let stats = Arc::new(WorkloadStats::default());
-    workload::run(pool, &config, stats.clone(), CancellationToken::new())
-        .await
-        .expect("workload");
-    stats
-}
 
 type DailyRow = (Uuid, NaiveDate, i64, i64, i64, i64, Decimal);
 type FunnelRow = (NaiveDate, String, i64, i64, i64, i64, i64, i64);
@@ -129,7 +109,7 @@ async fn concurrent_random_workload_is_exact_and_archived() {
     let mut args = db.args();
     args.outbox_retention = Duration::from_secs(3600);
     let running = common::start(&db, &args).await;
-    let stats = run_workload(&pool, workload(4, 400, 7)).await;
+    let stats = common::run_workload(&pool, 4, 400, 7).await;
     assert!(stats.committed() > 1000);
     assert!(stats.rolled_back.load(std::sync::atomic::Ordering::Relaxed) > 50);
     common::drain(&pool, Duration::from_secs(60)).await;
@@ -234,7 +214,7 @@ async fn every_event_delivered_twice_counts_once() {
         Arc::new(Twice(inner)) as Arc<dyn Queue>
     })
     .await;
-    run_workload(&pool, workload(3, 300, 11)).await;
+    common::run_workload(&pool, 3, 300, 11).await;
     common::drain(&pool, Duration::from_secs(60)).await;
     running.stop().await;
     let (relayed, applied): (i64, i64) = sqlx::query_as(
@@ -261,7 +241,7 @@ async fn backfill_with_writers_running_is_exact() {
     crm_analytics::capture::create_reference_schema(&pool, "public")
         .await
         .unwrap();
-    run_workload(&pool, workload(2, 200, 3)).await;
+    common::run_workload(&pool, 2, 200, 3).await;
     let before: i64 = sqlx::query_scalar("SELECT count(*) FROM leads")
         .fetch_one(&pool)
         .await
@@ -275,7 +255,7 @@ async fn backfill_with_writers_running_is_exact() {
     let running = common::start(&db, &db.args()).await;
     let writers = {
         let pool = pool.clone();
-        tokio::spawn(async move { run_workload(&pool, workload(3, 400, 5)).await })
+        tokio::spawn(async move { common::run_workload(&pool, 3, 400, 5).await })
     };
     for _ in 0..2 {
         tokio::time::sleep(Duration::from_millis(700)).await;
@@ -292,7 +272,7 @@ async fn backfill_with_writers_running_is_exact() {
     // Without a pipeline process: more writes pile up, backfill during writes, then drain.
     let writers = {
         let pool = pool.clone();
-        tokio::spawn(async move { run_workload(&pool, workload(2, 300, 9)).await })
+        tokio::spawn(async move { common::run_workload(&pool, 2, 300, 9).await })
     };
     tokio::time::sleep(Duration::from_millis(500)).await;
     crm_analytics::backfill::run(&pool, &pool, "public", false)
@@ -330,7 +310,7 @@ async fn two_pipelines_at_once_share_the_work_without_doing_it_twice() {
     args.batch_size = 50;
     let first = common::start(&db, &args).await;
     let second = common::start(&db, &args).await;
-    run_workload(&pool, workload(3, 300, 13)).await;
+    common::run_workload(&pool, 3, 300, 13).await;
     common::drain(&pool, Duration::from_secs(60)).await;
     first.stop().await;
     second.stop().await;

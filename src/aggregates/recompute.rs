@@ -135,49 +135,63 @@ pub async fn stream_into(
     crm_schema: &str,
     mut progress: impl FnMut(&'static str, u64),
 ) -> Result<(), sqlx::Error> {
+    let daily = (daily_sql(crm_schema), "daily_account_metrics");
+    stream_table(
+        crm,
+        analytics,
+        daily,
+        add_daily,
+        |d| d.daily.len(),
+        &mut progress,
+    )
+    .await?;
+    let funnel = (funnel_sql(crm_schema), "lead_funnel_metrics");
+    stream_table(
+        crm,
+        analytics,
+        funnel,
+        add_funnel,
+        |d| d.funnel.len(),
+        &mut progress,
+    )
+    .await?;
+    let revenue = (revenue_sql(crm_schema), "revenue_metrics");
+    stream_table(
+        crm,
+        analytics,
+        revenue,
+        add_revenue,
+        |d| d.revenue.len(),
+        &mut progress,
+    )
+    .await
+}
+
+/// One aggregate table of [`stream_into`]: rows of `sql` added with `add`, flushed every
+/// CHUNK keys (`len` counts them).
+async fn stream_table<R>(
+    crm: &mut PgConnection,
+    analytics: &mut PgConnection,
+    (sql, table): (String, &'static str),
+    add: fn(&mut Deltas, R),
+    len: fn(&Deltas) -> usize,
+    progress: &mut impl FnMut(&'static str, u64),
+) -> Result<(), sqlx::Error>
+where
+    R: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> + Send + Unpin,
+{
     let mut chunk = Deltas::default();
     let mut written = 0u64;
-    {
-        let sql = daily_sql(crm_schema);
-        let mut rows = sqlx::query_as::<_, DailyRow>(&sql).fetch(&mut *crm);
-        while let Some(row) = rows.try_next().await? {
-            add_daily(&mut chunk, row);
-            if chunk.daily.len() >= CHUNK {
-                written += flush(analytics, &mut chunk).await?;
-                progress("daily_account_metrics", written);
-            }
+    let mut rows = sqlx::query_as::<_, R>(&sql).fetch(&mut *crm);
+    while let Some(row) = rows.try_next().await? {
+        add(&mut chunk, row);
+        if len(&chunk) >= CHUNK {
+            written += flush(analytics, &mut chunk).await?;
+            progress(table, written);
         }
     }
     written += flush(analytics, &mut chunk).await?;
-    progress("daily_account_metrics", written);
-    written = 0;
-    {
-        let sql = funnel_sql(crm_schema);
-        let mut rows = sqlx::query_as::<_, FunnelRow>(&sql).fetch(&mut *crm);
-        while let Some(row) = rows.try_next().await? {
-            add_funnel(&mut chunk, row);
-            if chunk.funnel.len() >= CHUNK {
-                written += flush(analytics, &mut chunk).await?;
-                progress("lead_funnel_metrics", written);
-            }
-        }
-    }
-    written += flush(analytics, &mut chunk).await?;
-    progress("lead_funnel_metrics", written);
-    written = 0;
-    {
-        let sql = revenue_sql(crm_schema);
-        let mut rows = sqlx::query_as::<_, RevenueRow>(&sql).fetch(&mut *crm);
-        while let Some(row) = rows.try_next().await? {
-            add_revenue(&mut chunk, row);
-            if chunk.revenue.len() >= CHUNK {
-                written += flush(analytics, &mut chunk).await?;
-                progress("revenue_metrics", written);
-            }
-        }
-    }
-    written += flush(analytics, &mut chunk).await?;
-    progress("revenue_metrics", written);
+    progress(table, written);
     Ok(())
 }
 

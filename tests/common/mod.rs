@@ -228,6 +228,41 @@ pub async fn assert_counts_match_outbox(pool: &PgPool) {
     );
 }
 
+/// Runs a seeded random CRM workload to completion.
+pub async fn run_workload(
+    pool: &PgPool,
+    writers: usize,
+    transactions: u64,
+    seed: u64,
+) -> Arc<crm_analytics::workload::WorkloadStats> {
+    let config = crm_analytics::workload::WorkloadConfig {
+        writers,
+        transactions_per_writer: Some(transactions),
+        rollback_ratio: 0.1,
+        seed,
+        crm_schema: "public".into(),
+    };
+    let stats = Arc::new(crm_analytics::workload::WorkloadStats::default());
+    crm_analytics::workload::run(pool, &config, stats.clone(), CancellationToken::new())
+        .await
+        .expect("workload");
+    stats
+}
+
+/// A pipeline runs while a random workload writes; returns once everything is applied.
+pub async fn workload_through_pipeline(
+    db: &TestDb,
+    pool: &PgPool,
+    writers: usize,
+    transactions: u64,
+    seed: u64,
+) {
+    let running = start(db, &db.args()).await;
+    run_workload(pool, writers, transactions, seed).await;
+    drain(pool, Duration::from_secs(60)).await;
+    running.stop().await;
+}
+
 pub fn binary() -> &'static str {
     env!("CARGO_BIN_EXE_crm-analytics")
 }
