@@ -20,9 +20,13 @@ impl ChannelWatcher {
         let mut listener = PgListener::connect_with(pool).await?;
         listener.listen(channel).await?;
         let (tx, rx) = watch::channel(0u64);
+        let pool = pool.clone();
         tokio::spawn(async move {
             loop {
                 let result = listener.recv().await;
+                if pool.is_closed() {
+                    return; // the process is shutting its connections down
+                }
                 // On an error the listener reconnects on the next recv; notifications sent
                 // meanwhile are lost, so wake everybody up to poll once.
                 if let Err(error) = &result {

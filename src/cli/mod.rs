@@ -80,6 +80,8 @@ pub enum Command {
     },
     /// Run a live demo: a CRM workload with the pipeline attached (needs only PostgreSQL).
     Demo(demo::DemoArgs),
+    /// Run the benchmark suite and write BENCHMARKS.md (needs only PostgreSQL).
+    Bench(crate::bench::BenchArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -240,6 +242,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Demo(args) => demo::run(db, args).await?,
+        Command::Bench(args) => crate::bench::run(db.database_url.as_deref(), args).await?,
     }
     Ok(ExitCode::SUCCESS)
 }

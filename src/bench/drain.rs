@@ -1,0 +1,267 @@
+//! Drain throughput: a backlog of mixed events drained through the default queue, all four
+//! aggregates and the archive by `crm-analytics run`, against a pure-SQL baseline (one
+//! set-based statement per batch that upserts only the funnel) on a copy of the same
+//! backlog; peak memory of the process; and scale-out over 1, 2 and 4 worker processes.
+
+use sqlx::{Connection, PgConnection, PgPool};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+use tokio::process::{Child, Command};
+
+use super::{BenchDb, Report, Scale};
+
+const SECTION: &str = "2. Drain throughput, memory and scale-out";
+
+/// Builds a database with capture attached and a backlog of about `events` mixed events.
+async fn template(server: &str, events: i64) -> anyhow::Result<(BenchDb, i64)> {
+    let db = BenchDb::create(server, "backlog").await?;
+    let pool = db.pool(2).await?;
+    crate::cli::migrate_all(&pool, &pool, "public", true).await?;
+    let n = |share: f64| ((events as f64) * share).round() as i64;
+    sqlx::query("INSERT INTO accounts (name) SELECT 'account ' || i FROM generate_series(1, $1) i")
+        .bind(n(0.05).max(10))
+        .execute(&pool)
+        .await?;
+    let accounts = n(0.05).max(10);
+    for (sql, share) in [
+        ("INSERT INTO leads (account_id, source, created_at)
+          SELECT a.id, (ARRAY['web','event','referral','outbound'])[1 + i % 4], now() - (i % 120) * interval '1 day'
+          FROM generate_series(1, $1) i JOIN (SELECT id, row_number() OVER () - 1 AS k FROM accounts) a ON a.k = i % $2", 0.40),
+        ("INSERT INTO activities (account_id, activity_type, occurred_at)
+          SELECT a.id, 'call', now() - (i % 90) * interval '1 day'
+          FROM generate_series(1, $1) i JOIN (SELECT id, row_number() OVER () - 1 AS k FROM accounts) a ON a.k = i % $2", 0.25),
+        ("INSERT INTO projects (account_id, name, amount)
+          SELECT a.id, 'deal', (i % 5000) + 0.5
+          FROM generate_series(1, $1) i JOIN (SELECT id, row_number() OVER () - 1 AS k FROM accounts) a ON a.k = i % $2", 0.10),
+        ("UPDATE leads SET status = 'contacted' WHERE id IN (SELECT id FROM leads LIMIT $1 + 0 * $2)", 0.10),
+        ("UPDATE projects SET status = 'won', closed_at = now() - (random() * 90) * interval '1 day'
+          WHERE id IN (SELECT id FROM projects LIMIT $1 + 0 * $2)", 0.05),
+        ("DELETE FROM activities WHERE id IN (SELECT id FROM activities LIMIT $1 + 0 * $2)", 0.05),
+    ] {
+        sqlx::query(sql).bind(n(share)).bind(accounts).execute(&pool).await?;
+    }
+    let backlog: i64 = sqlx::query_scalar("SELECT count(*) FROM crm_analytics.event_outbox")
+        .fetch_one(&pool)
+        .await?;
+    sqlx::raw_sql("VACUUM ANALYZE").execute(&pool).await?;
+    pool.close().await;
+    Ok((db, backlog))
+}
+
+/// A copy of the template (a file copy inside PostgreSQL, cheap).
+async fn copy(server: &str, template: &BenchDb, label: &str) -> anyhow::Result<BenchDb> {
+    let name = format!(
+        "crm_analytics_bench_{label}_{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
+    let mut admin = PgConnection::connect(&format!("{server}/postgres")).await?;
+    sqlx::raw_sql(&format!(
+        "CREATE DATABASE {name} TEMPLATE {}",
+        template.name
+    ))
+    .execute(&mut admin)
+    .await?;
+    Ok(BenchDb {
+        url: format!("{server}/{name}"),
+        name,
+        server: server.to_string(),
+    })
+}
+
+async fn drained(pool: &PgPool) -> anyhow::Result<bool> {
+    Ok(sqlx::query_scalar(
+        "SELECT NOT EXISTS (SELECT 1 FROM crm_analytics.event_outbox) AND NOT EXISTS (SELECT 1 FROM crm_analytics.queue)",
+    )
+    .fetch_one(pool)
+    .await?)
+}
+
+fn spawn(db: &BenchDb, command: &str, archive: &std::path::Path) -> anyhow::Result<Child> {
+    let exe = std::env::current_exe()?;
+    Ok(Command::new(exe)
+        .arg(command)
+        .env("DATABASE_URL", &db.url)
+        .env_remove("ANALYTICS_DATABASE_URL")
+        .env("CRM_ANALYTICS_ARCHIVE", archive)
+        .env("CRM_ANALYTICS_LISTEN", "127.0.0.1:0")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?)
+}
+
+/// Peak resident memory of a process, from /proc (Linux).
+fn peak_rss_mb(child: &Child) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id()?)).ok()?;
+    let kb: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(kb / 1024.0)
+}
+
+/// Drains `db` with the given processes; returns the seconds it took and their peak RSS.
+async fn drain_with(
+    db: &BenchDb,
+    commands: &[&str],
+    timeout: Duration,
+) -> anyhow::Result<(f64, f64)> {
+    let pool = db.pool(2).await?;
+    let archive = std::env::temp_dir().join(&db.name);
+    let started = Instant::now();
+    let mut children = Vec::new();
+    for command in commands {
+        children.push(spawn(db, command, &archive)?);
+    }
+    while !drained(&pool).await? {
+        anyhow::ensure!(
+            started.elapsed() < timeout,
+            "the backlog did not drain within {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let peak = children.iter().filter_map(peak_rss_mb).fold(0.0, f64::max);
+    for mut child in children {
+        let _ = child.start_kill();
+        let _ = child.wait().await;
+    }
+    pool.close().await;
+    let _ = std::fs::remove_dir_all(archive);
+    Ok((seconds, peak))
+}
+
+/// The baseline: one set-based statement per batch of 1000 outbox rows, upserting only the
+/// funnel, with as many concurrent loops as the pipeline has workers.
+async fn baseline(db: &BenchDb, timeout: Duration) -> anyhow::Result<f64> {
+    let loops = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2);
+    let pool = db.pool(loops as u32 + 1).await?;
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..loops {
+        let pool = pool.clone();
+        tasks.spawn(async move {
+            loop {
+                let moved = sqlx::query(
+                    "WITH batch AS (
+                        DELETE FROM crm_analytics.event_outbox
+                        WHERE ctid = ANY (ARRAY(SELECT ctid FROM crm_analytics.event_outbox LIMIT 1000 FOR UPDATE SKIP LOCKED))
+                        RETURNING event_type, payload
+                     ), images AS (
+                        SELECT payload->'new' AS row, 1 AS sign FROM batch WHERE event_type LIKE 'leads.%' AND payload ? 'new'
+                        UNION ALL
+                        SELECT payload->'old', -1 FROM batch WHERE event_type LIKE 'leads.%' AND payload ? 'old'
+                     ), counted AS (SELECT count(*) AS n FROM batch)
+                     INSERT INTO analytics.lead_funnel_metrics AS t (cohort_date, source, new, contacted, qualified, converted, lost, total)
+                     SELECT ((row->>'created_at')::timestamptz AT TIME ZONE 'UTC')::date, row->>'source',
+                            coalesce(sum(sign) FILTER (WHERE row->>'status' = 'new'), 0),
+                            coalesce(sum(sign) FILTER (WHERE row->>'status' = 'contacted'), 0),
+                            coalesce(sum(sign) FILTER (WHERE row->>'status' = 'qualified'), 0),
+                            coalesce(sum(sign) FILTER (WHERE row->>'status' = 'converted'), 0),
+                            coalesce(sum(sign) FILTER (WHERE row->>'status' = 'lost'), 0),
+                            sum(sign)
+                     FROM images GROUP BY 1, 2
+                     ON CONFLICT (cohort_date, source) DO UPDATE SET
+                        new = t.new + excluded.new, contacted = t.contacted + excluded.contacted,
+                        qualified = t.qualified + excluded.qualified, converted = t.converted + excluded.converted,
+                        lost = t.lost + excluded.lost, total = t.total + excluded.total
+                     RETURNING (SELECT n FROM counted)",
+                )
+                .fetch_optional(&pool)
+                .await;
+                match moved {
+                    Ok(Some(_)) => {}
+                    // No lead in the batch upserts nothing; the batch may still have had rows.
+                    Ok(None) => {
+                        let left: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM crm_analytics.event_outbox)")
+                            .fetch_one(&pool)
+                            .await?;
+                        if !left {
+                            return Ok::<_, sqlx::Error>(());
+                        }
+                    }
+                    Err(sqlx::Error::Database(e)) if e.code().is_some_and(|c| c.starts_with("40")) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done??;
+    }
+    anyhow::ensure!(started.elapsed() < timeout * 4, "baseline too slow");
+    let seconds = started.elapsed().as_secs_f64();
+    pool.close().await;
+    Ok(seconds)
+}
+
+pub async fn run(server: &str, scale: Scale, report: &mut Report) -> anyhow::Result<()> {
+    println!("{SECTION}");
+    let (template, backlog) = template(server, scale.backlog).await?;
+    let timeout = Duration::from_secs(((backlog / 2_000) as u64).max(120));
+    report.add(
+        SECTION,
+        "backlog of mixed events (inserts, updates, deletes of the four tables)",
+        backlog.to_string(),
+        None,
+    );
+
+    let ours_db = copy(server, &template, "run").await?;
+    let (seconds, peak) = drain_with(&ours_db, &["run"], timeout).await?;
+    let ours = backlog as f64 / seconds;
+    ours_db.drop_db().await?;
+    let base_db = copy(server, &template, "baseline").await?;
+    let base_seconds = baseline(&base_db, timeout).await?;
+    let base = backlog as f64 / base_seconds;
+    base_db.drop_db().await?;
+    report.add(
+        SECTION,
+        "`crm-analytics run`: four aggregates, idempotency, archive",
+        format!("{ours:.0} events/s"),
+        Some(("at least 25,000 events/s".into(), ours >= 25_000.0)),
+    );
+    report.add(
+        SECTION,
+        "pure-SQL baseline: one statement per batch, funnel only",
+        format!("{base:.0} events/s"),
+        None,
+    );
+    let ratio = ours / base;
+    report.add(
+        SECTION,
+        "ours / baseline",
+        format!("{ratio:.2}x"),
+        Some(("at least 1.0x".into(), ratio >= 1.0)),
+    );
+    report.add(
+        SECTION,
+        "peak RSS of `crm-analytics run` during the drain",
+        format!("{peak:.0} MB"),
+        Some(("under 150 MB".into(), peak < 150.0)),
+    );
+
+    let mut single = None;
+    for processes in [1usize, 2, 4] {
+        let db = copy(server, &template, "scale").await?;
+        let mut commands = vec!["relay"];
+        commands.extend(std::iter::repeat_n("worker", processes));
+        let (seconds, _) = drain_with(&db, &commands, timeout).await?;
+        db.drop_db().await?;
+        let rate = backlog as f64 / seconds;
+        let relative = single.get_or_insert(rate);
+        report.add(
+            SECTION,
+            format!("1 relay + {processes} worker process(es)"),
+            format!("{rate:.0} events/s ({:.2}x)", rate / *relative),
+            None,
+        );
+    }
+    template.drop_db().await?;
+    Ok(())
+}

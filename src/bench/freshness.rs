@@ -1,0 +1,162 @@
+//! Freshness under load: steady CRM writes at a fixed event rate while probes measure the
+//! time from a commit to its change being visible through the REST API.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+use super::{BenchDb, Report, Scale};
+use crate::config::{DatabaseArgs, PipelineArgs};
+use crate::pipeline::{Pipeline, Roles};
+
+const SECTION: &str = "3. Freshness under load (commit to visible through the API)";
+const EVENTS_PER_SECOND: u64 = 2_000;
+const LEADS_PER_TRANSACTION: u64 = 10;
+const TOKEN: &str = "bench";
+
+fn percentile(sorted: &[Duration], q: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len()) - 1]
+}
+
+pub async fn run(server: &str, scale: Scale, report: &mut Report) -> anyhow::Result<()> {
+    println!("{SECTION}");
+    let db = BenchDb::create(server, "fresh").await?;
+    let writers = db.pool(4).await?;
+    crate::cli::migrate_all(&writers, &writers, "public", true).await?;
+    sqlx::raw_sql("INSERT INTO accounts (name) SELECT 'a' || i FROM generate_series(1, 100) i")
+        .execute(&writers)
+        .await?;
+
+    let dbargs = DatabaseArgs {
+        database_url: Some(db.url.clone()),
+        analytics_database_url: None,
+        crm_schema: "public".into(),
+    };
+    let mut args = PipelineArgs::from_env();
+    args.archive = std::env::temp_dir()
+        .join(&db.name)
+        .to_string_lossy()
+        .into_owned();
+    let pipeline = Arc::new(Pipeline::connect(&dbargs, &args).await?);
+    let stop = CancellationToken::new();
+    let running = {
+        let (pipeline, stop) = (pipeline.clone(), stop.clone());
+        tokio::spawn(async move {
+            pipeline
+                .run(
+                    Roles {
+                        relay: true,
+                        workers: true,
+                    },
+                    stop,
+                )
+                .await
+        })
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let base = format!("http://{}", listener.local_addr()?);
+    let server_task = tokio::spawn(crate::api::serve_on(
+        listener,
+        pipeline.api_state(),
+        crate::api::auth::Tokens::parse(TOKEN),
+        stop.clone(),
+    ));
+
+    // Steady load: transactions of ten leads at a fixed pace.
+    let load_stop = CancellationToken::new();
+    let load = {
+        let (pool, stop) = (writers.clone(), load_stop.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_micros(
+                1_000_000 * LEADS_PER_TRANSACTION / EVENTS_PER_SECOND,
+            ));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut events = 0u64;
+            while !stop.is_cancelled() {
+                tick.tick().await;
+                let pool = pool.clone();
+                if sqlx::query("INSERT INTO leads (account_id, source) SELECT id, 'load' FROM accounts LIMIT $1")
+                    .bind(LEADS_PER_TRANSACTION as i64)
+                    .execute(&pool)
+                    .await
+                    .is_ok()
+                {
+                    events += LEADS_PER_TRANSACTION;
+                }
+            }
+            events
+        })
+    };
+
+    let client = reqwest::Client::new();
+    let started = Instant::now();
+    let mut samples = Vec::new();
+    let mut probe = 0u64;
+    while started.elapsed() < Duration::from_secs(scale.freshness_seconds) {
+        probe += 1;
+        let source = format!("probe-{probe}");
+        sqlx::query("INSERT INTO leads (source) VALUES ($1)")
+            .bind(&source)
+            .execute(&writers)
+            .await?;
+        let committed = Instant::now();
+        let url = format!("{base}/api/funnel-metrics/?source={source}");
+        loop {
+            let page: serde_json::Value = client
+                .get(&url)
+                .bearer_auth(TOKEN)
+                .send()
+                .await?
+                .json()
+                .await?;
+            if page["count"] == 1 {
+                samples.push(committed.elapsed());
+                break;
+            }
+            anyhow::ensure!(
+                committed.elapsed() < Duration::from_secs(30),
+                "a probe never became visible"
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    load_stop.cancel();
+    let events = load.await?;
+    let rate = events as f64 / started.elapsed().as_secs_f64();
+    stop.cancel();
+    running.await??;
+    server_task.await??;
+    samples.sort();
+    let (p50, p99) = (percentile(&samples, 0.5), percentile(&samples, 0.99));
+    report.add(
+        SECTION,
+        "steady load achieved",
+        format!("{rate:.0} events/s"),
+        None,
+    );
+    report.add(
+        SECTION,
+        format!(
+            "probes: commit to visible in /api/funnel-metrics/ ({} samples), p50",
+            samples.len()
+        ),
+        format!("{:.1} ms", p50.as_secs_f64() * 1000.0),
+        Some(("under 50 ms".into(), p50 < Duration::from_millis(50))),
+    );
+    report.add(
+        SECTION,
+        "same, p99",
+        format!("{:.1} ms", p99.as_secs_f64() * 1000.0),
+        Some(("under 250 ms".into(), p99 < Duration::from_millis(250))),
+    );
+    writers.close().await;
+    pipeline.crm.close().await;
+    pipeline.analytics.close().await;
+    let _ = std::fs::remove_dir_all(std::env::temp_dir().join(&db.name));
+    db.drop_db().await?;
+    Ok(())
+}

@@ -1,0 +1,125 @@
+//! Bench: the benchmark suite behind `crm-analytics bench`. Every comparison runs side by
+//! side in the same run on the same machine and is reported as a ratio; `--quick` is the
+//! small version CI runs so the harness cannot rot (it asserts nothing about times).
+//!
+//! Each measurement gets fresh databases of its own on the server of DATABASE_URL (or the
+//! local one), and drops them afterwards.
+
+mod capture_cost;
+mod drain;
+mod freshness;
+mod report;
+
+use clap::Args;
+use sqlx::{Connection, PgConnection, PgPool};
+use std::path::PathBuf;
+
+pub use report::{Measurement, Report};
+
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    /// Small sizes and short runs (a couple of minutes): what CI runs.
+    #[arg(long)]
+    pub quick: bool,
+    /// Where the report goes (Markdown).
+    #[arg(long, default_value = "BENCHMARKS.md")]
+    pub output: PathBuf,
+}
+
+/// Sizes of one run.
+#[derive(Debug, Clone, Copy)]
+pub struct Scale {
+    pub backlog: i64,
+    pub bulk_rows: i64,
+    pub oltp_seconds: u64,
+    pub freshness_seconds: u64,
+}
+
+impl Scale {
+    fn of(quick: bool) -> Self {
+        if quick {
+            Self {
+                backlog: 40_000,
+                bulk_rows: 20_000,
+                oltp_seconds: 4,
+                freshness_seconds: 8,
+            }
+        } else {
+            Self {
+                backlog: 1_000_000,
+                bulk_rows: 100_000,
+                oltp_seconds: 30,
+                freshness_seconds: 60,
+            }
+        }
+    }
+}
+
+/// A database of the bench's own, dropped by [`BenchDb::drop_db`].
+pub struct BenchDb {
+    pub name: String,
+    pub url: String,
+    server: String,
+}
+
+impl BenchDb {
+    pub async fn create(server: &str, label: &str) -> anyhow::Result<Self> {
+        let name = format!(
+            "crm_analytics_bench_{label}_{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        );
+        let mut admin = PgConnection::connect(&format!("{server}/postgres")).await?;
+        sqlx::raw_sql(&format!("CREATE DATABASE {name}"))
+            .execute(&mut admin)
+            .await?;
+        Ok(Self {
+            url: format!("{server}/{name}"),
+            name,
+            server: server.to_string(),
+        })
+    }
+
+    pub async fn pool(&self, max: u32) -> anyhow::Result<PgPool> {
+        crate::db::connect(&self.url, "DATABASE_URL", max).await
+    }
+
+    pub async fn drop_db(self) -> anyhow::Result<()> {
+        let mut admin = PgConnection::connect(&format!("{}/postgres", self.server)).await?;
+        sqlx::raw_sql(&format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            self.name
+        ))
+        .execute(&mut admin)
+        .await?;
+        Ok(())
+    }
+}
+
+/// The server part of DATABASE_URL (without the database), or the local server.
+fn server_of(database_url: Option<&str>) -> String {
+    match database_url.and_then(|u| url::Url::parse(u).ok()) {
+        Some(mut url) => {
+            url.set_path("");
+            url.to_string().trim_end_matches('/').to_string()
+        }
+        None => "postgres://postgres@127.0.0.1:5432".to_string(),
+    }
+}
+
+pub async fn run(database_url: Option<&str>, args: BenchArgs) -> anyhow::Result<()> {
+    let server = server_of(database_url);
+    let scale = Scale::of(args.quick);
+    let mut report = Report::new(args.quick, scale);
+    println!(
+        "benchmarks ({} mode) on {}",
+        if args.quick { "quick" } else { "full" },
+        crate::db::redact(&server)
+    );
+    capture_cost::run(&server, scale, &mut report).await?;
+    drain::run(&server, scale, &mut report).await?;
+    freshness::run(&server, scale, &mut report).await?;
+    report.print();
+    report.write(&args.output)?;
+    println!("written to {}", args.output.display());
+    Ok(())
+}

@@ -1,0 +1,132 @@
+//! The benchmark report: a table on the terminal and BENCHMARKS.md, with the machine it
+//! ran on and, for every target, whether it is met.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use super::Scale;
+
+#[derive(Debug, Clone)]
+pub struct Measurement {
+    pub section: &'static str,
+    pub name: String,
+    pub value: String,
+    /// The target, as text, and whether it is met; None for context rows.
+    pub target: Option<(String, bool)>,
+}
+
+pub struct Report {
+    quick: bool,
+    scale: Scale,
+    rows: Vec<Measurement>,
+}
+
+impl Report {
+    pub fn new(quick: bool, scale: Scale) -> Self {
+        Self {
+            quick,
+            scale,
+            rows: Vec::new(),
+        }
+    }
+
+    pub fn add(
+        &mut self,
+        section: &'static str,
+        name: impl Into<String>,
+        value: impl Into<String>,
+        target: Option<(String, bool)>,
+    ) {
+        let m = Measurement {
+            section,
+            name: name.into(),
+            value: value.into(),
+            target,
+        };
+        println!(
+            "  {:<58} {:>22}  {}",
+            m.name,
+            m.value,
+            m.target
+                .as_ref()
+                .map(|(t, ok)| format!("{} {t}", if *ok { "met" } else { "MISSED" }))
+                .unwrap_or_default()
+        );
+        self.rows.push(m);
+    }
+
+    pub fn print(&self) {
+        let met = self
+            .rows
+            .iter()
+            .filter(|r| matches!(r.target, Some((_, true))))
+            .count();
+        let all = self.rows.iter().filter(|r| r.target.is_some()).count();
+        println!("targets met: {met} of {all}");
+    }
+
+    fn machine() -> String {
+        let cpu = std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("model name"))
+                    .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+            })
+            .unwrap_or_else(|| "unknown CPU".into());
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0);
+        let memory = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|s| {
+                s.lines().next().map(|l| {
+                    l.split_whitespace()
+                        .nth(1)
+                        .unwrap_or("0")
+                        .parse::<u64>()
+                        .unwrap_or(0)
+                })
+            })
+            .map(|kb| format!("{:.0} GiB", kb as f64 / 1_048_576.0))
+            .unwrap_or_default();
+        format!("{cores} cores ({cpu}), {memory} memory, PostgreSQL on the same machine and cores")
+    }
+
+    pub fn write(&self, path: &Path) -> anyhow::Result<()> {
+        let mut md = String::new();
+        let _ = writeln!(md, "# Benchmarks\n");
+        let _ = writeln!(
+            md,
+            "Produced by `crm-analytics bench{}` on {}. Machine: {}.\n",
+            if self.quick { " --quick" } else { "" },
+            chrono::Utc::now().format("%Y-%m-%d %H:%M UTC"),
+            Self::machine()
+        );
+        let _ = writeln!(
+            md,
+            "Sizes: backlog {} events, bulk statement {} rows, OLTP runs of {} s, freshness run of {} s. \
+             Every comparison ran side by side in this run; ratios matter more than absolute numbers, \
+             which drift on a shared machine.\n",
+            self.scale.backlog, self.scale.bulk_rows, self.scale.oltp_seconds, self.scale.freshness_seconds
+        );
+        let mut section = "";
+        for row in &self.rows {
+            if row.section != section {
+                section = row.section;
+                let _ = writeln!(
+                    md,
+                    "\n## {section}\n\n| measurement | value | target |\n|---|---:|---|"
+                );
+            }
+            let target = match &row.target {
+                Some((t, true)) => format!("met: {t}"),
+                Some((t, false)) => format!("**missed**: {t}"),
+                None => String::new(),
+            };
+            let _ = writeln!(md, "| {} | {} | {} |", row.name, row.value, target);
+        }
+        std::fs::write(path, md)?;
+        Ok(())
+    }
+}
