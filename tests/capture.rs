@@ -43,7 +43,8 @@ async fn migrate_is_idempotent_and_versioned() {
         vec![
             ("analytics".into(), 1),
             ("analytics".into(), 2),
-            ("capture".into(), 1)
+            ("capture".into(), 1),
+            ("capture".into(), 2)
         ]
     );
     pool.close().await;
@@ -115,7 +116,7 @@ async fn a_commit_writes_old_and_new_images_and_a_rollback_writes_nothing() {
         .await
         .unwrap();
     let events: Vec<(String, Option<uuid::Uuid>, Value)> = sqlx::query_as(
-        "SELECT event_type, aggregate_id, payload FROM crm_analytics.event_outbox ORDER BY xid, created_at",
+        "SELECT event_type, aggregate_id, payload FROM crm_analytics.event_outbox ORDER BY event_id",
     )
     .fetch_all(&pool)
     .await
@@ -126,6 +127,17 @@ async fn a_commit_writes_old_and_new_images_and_a_rollback_writes_nothing() {
         ["accounts.insert", "accounts.update", "accounts.delete"]
     );
     assert!(events.iter().all(|e| e.1 == Some(account)));
+    // Event ids are sequential (cheap index appends): their order is the order of the writes.
+    let ids: Vec<String> =
+        sqlx::query_scalar("SELECT event_id::text FROM crm_analytics.event_outbox ORDER BY xid")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert!(
+        ids.windows(2)
+            .all(|w| w[0] < w[1] && w[0][..18] == w[1][..18]),
+        "{ids:?}"
+    );
     assert_eq!(events[0].2["new"]["name"], "Acme");
     assert!(events[0].2.get("old").is_none());
     assert_eq!(events[1].2["old"]["name"], "Acme");

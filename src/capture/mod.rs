@@ -10,11 +10,18 @@ use crate::event::CrmTable;
 use crate::migrate::{self, Migration};
 
 /// Migrations of the CRM database (component "capture").
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    description: "event outbox and capture trigger functions",
-    sql: include_str!("sql/001_outbox.sql"),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        description: "event outbox and capture trigger functions",
+        sql: include_str!("sql/001_outbox.sql"),
+    },
+    Migration {
+        version: 2,
+        description: "sequential event ids",
+        sql: include_str!("sql/002_sequential_ids.sql"),
+    },
+];
 
 /// Channel the capture triggers notify on commit.
 pub const OUTBOX_CHANNEL: &str = "crm_analytics_outbox";
