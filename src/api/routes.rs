@@ -48,7 +48,8 @@ impl Filters {
     }
 }
 
-/// Counts the filtered rows of `table` and reads one page of them.
+/// Reads one page of the filtered rows of `table` and their total count, in one query
+/// (a window count) unless the page is past the end.
 async fn page_of<T>(
     state: &AppState,
     table: &str,
@@ -60,22 +61,32 @@ async fn page_of<T>(
 where
     T: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> + Send + Unpin,
 {
-    let mut count = QueryBuilder::new(format!("SELECT count(*) FROM {table}"));
-    filters.push_where(&mut count);
-    let total: i64 = count
-        .build_query_scalar()
-        .fetch_one(&state.analytics)
-        .await?;
-    let mut rows = QueryBuilder::new(format!("SELECT {columns} FROM {table}"));
+    use sqlx::Row;
+    let mut rows = QueryBuilder::new(format!(
+        "SELECT {columns}, count(*) OVER () AS total_rows FROM {table}"
+    ));
     filters.push_where(&mut rows);
     rows.push(format!(" ORDER BY {order} LIMIT "))
         .push_bind(page.limit)
         .push(" OFFSET ")
         .push_bind(page.offset);
-    let results = rows
-        .build_query_as::<T>()
-        .fetch_all(&state.analytics)
-        .await?;
+    let fetched = rows.build().fetch_all(&state.analytics).await?;
+    let total = match fetched.first() {
+        Some(first) => first.try_get::<i64, _>("total_rows")?,
+        None => {
+            let mut count = QueryBuilder::new(format!("SELECT count(*) FROM {table}"));
+            filters.push_where(&mut count);
+            count
+                .build_query_scalar()
+                .fetch_one(&state.analytics)
+                .await?
+        }
+    };
+    // Tuples decode by position, so the trailing total_rows column is ignored.
+    let results = fetched
+        .iter()
+        .map(T::from_row)
+        .collect::<Result<Vec<T>, _>>()?;
     Ok((total, results))
 }
 

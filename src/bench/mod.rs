@@ -5,6 +5,7 @@
 //! Each measurement gets fresh databases of its own on the server of DATABASE_URL (or the
 //! local one), and drops them afterwards.
 
+mod api_load;
 mod capture_cost;
 mod drain;
 mod freshness;
@@ -118,6 +119,7 @@ pub async fn run(database_url: Option<&str>, args: BenchArgs) -> anyhow::Result<
     capture_cost::run(&server, scale, &mut report).await?;
     drain::run(&server, scale, &mut report).await?;
     freshness::run(&server, scale, &mut report).await?;
+    api_load::run(&server, scale, &mut report).await?;
     report.print();
     report.write(&args.output)?;
     println!("written to {}", args.output.display());

@@ -133,7 +133,6 @@ impl Report {
             md,
             "\n## Not measured yet\n\n\
              - 4. the same metrics as materialized views refreshed with REFRESH MATERIALIZED VIEW CONCURRENTLY at 100k, 1M and 10M CRM rows, with plots;\n\
-             - 5. API load with 64 connections (daily-metrics for one account over 90 days, funnel-metrics);\n\
              - 6. RSS flatness over a 10-minute steady run (only the peak during the drain is measured)."
         );
         // Hand-written analysis below the marker survives a new run.
