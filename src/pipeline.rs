@@ -122,6 +122,19 @@ impl Pipeline {
         }
     }
 
+    /// Runs relay and workers in a task of their own until `shutdown` is cancelled.
+    pub fn spawn_all(
+        self: &Arc<Self>,
+        shutdown: CancellationToken,
+    ) -> tokio::task::JoinHandle<anyhow::Result<()>> {
+        let pipeline = self.clone();
+        let roles = Roles {
+            relay: true,
+            workers: true,
+        };
+        tokio::spawn(async move { pipeline.run(roles, shutdown).await })
+    }
+
     /// Runs the chosen stages until `shutdown` is cancelled, then waits for them to stop.
     pub async fn run(&self, roles: Roles, shutdown: CancellationToken) -> anyhow::Result<()> {
         let mut tasks = tokio::task::JoinSet::new();

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
-use super::{BenchDb, Report, Scale};
+use super::{percentile, BenchDb, Report, Scale};
 use crate::api::{auth::Tokens, AppState};
 use crate::queue::postgres::PostgresQueue;
 
@@ -44,10 +44,7 @@ async fn load(base: &str, path: &str, seconds: u64) -> anyhow::Result<(f64, Dura
         all.extend(done??);
     }
     all.sort();
-    let p99 = all
-        .get(((all.len() as f64 * 0.99) as usize).min(all.len().saturating_sub(1)))
-        .copied()
-        .unwrap_or_default();
+    let p99 = percentile(&all, 0.99);
     Ok((all.len() as f64 / seconds as f64, p99))
 }
 

@@ -5,21 +5,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
-use super::{BenchDb, Report, Scale};
+use super::{percentile, BenchDb, Report, Scale};
 use crate::config::{DatabaseArgs, PipelineArgs};
-use crate::pipeline::{Pipeline, Roles};
+use crate::pipeline::Pipeline;
 
 const SECTION: &str = "3. Freshness under load (commit to visible through the API)";
 const EVENTS_PER_SECOND: u64 = 2_000;
 const LEADS_PER_TRANSACTION: u64 = 10;
 const TOKEN: &str = "bench";
-
-fn percentile(sorted: &[Duration], q: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    sorted[((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len()) - 1]
-}
 
 pub async fn run(server: &str, scale: Scale, report: &mut Report) -> anyhow::Result<()> {
     println!("{SECTION}");
@@ -42,20 +35,7 @@ pub async fn run(server: &str, scale: Scale, report: &mut Report) -> anyhow::Res
         .into_owned();
     let pipeline = Arc::new(Pipeline::connect(&dbargs, &args).await?);
     let stop = CancellationToken::new();
-    let running = {
-        let (pipeline, stop) = (pipeline.clone(), stop.clone());
-        tokio::spawn(async move {
-            pipeline
-                .run(
-                    Roles {
-                        relay: true,
-                        workers: true,
-                    },
-                    stop,
-                )
-                .await
-        })
-    };
+    let running = pipeline.spawn_all(stop.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let base = format!("http://{}", listener.local_addr()?);
     let server_task = tokio::spawn(crate::api::serve_on(

@@ -96,6 +96,14 @@ impl BenchDb {
     }
 }
 
+/// The `q` quantile of sorted durations (nearest rank).
+fn percentile(sorted: &[std::time::Duration], q: f64) -> std::time::Duration {
+    if sorted.is_empty() {
+        return std::time::Duration::ZERO;
+    }
+    sorted[((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len()) - 1]
+}
+
 /// The server part of DATABASE_URL (without the database), or the local server.
 fn server_of(database_url: Option<&str>) -> String {
     match database_url.and_then(|u| url::Url::parse(u).ok()) {

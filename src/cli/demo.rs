@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::auth::Tokens;
 use crate::config::{parse_duration, DatabaseArgs, PipelineArgs, ServerArgs};
-use crate::pipeline::{shutdown_on_signals, Pipeline, Roles};
+use crate::pipeline::{shutdown_on_signals, Pipeline};
 use crate::workload::{self, WorkloadConfig, WorkloadStats};
 use std::io::IsTerminal;
 
@@ -78,14 +78,7 @@ pub async fn run(db: &DatabaseArgs, args: DemoArgs) -> anyhow::Result<()> {
     let pipeline = Arc::new(pipeline);
     // The pipeline stops before the server, so the dashboard outlives the workload.
     let pipeline_stop = shutdown.child_token();
-    let running = {
-        let (pipeline, stop) = (pipeline.clone(), pipeline_stop.clone());
-        let roles = Roles {
-            relay: true,
-            workers: true,
-        };
-        tokio::spawn(async move { pipeline.run(roles, stop).await })
-    };
+    let running = pipeline.spawn_all(pipeline_stop.clone());
     // A token of the demo's own unless tokens are configured.
     let token = match args
         .server

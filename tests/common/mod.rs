@@ -3,7 +3,7 @@
 #![allow(dead_code)]
 
 use crm_analytics::config::PipelineArgs;
-use crm_analytics::pipeline::{Pipeline, Roles};
+use crm_analytics::pipeline::Pipeline;
 use crm_analytics::queue::{postgres::PostgresQueue, Queue};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{Connection, PgConnection, PgPool};
@@ -120,20 +120,7 @@ where
     let pipeline =
         Arc::new(Pipeline::assemble(crm, analytics, queue, args).expect("assemble pipeline"));
     let stop = CancellationToken::new();
-    let task = {
-        let (pipeline, stop) = (pipeline.clone(), stop.clone());
-        tokio::spawn(async move {
-            pipeline
-                .run(
-                    Roles {
-                        relay: true,
-                        workers: true,
-                    },
-                    stop,
-                )
-                .await
-        })
-    };
+    let task = pipeline.spawn_all(stop.clone());
     Running {
         pipeline,
         stop,
