@@ -44,8 +44,7 @@ async fn setup() -> (TestDb, sqlx::PgPool, Server) {
 
 async fn teardown(db: TestDb, pool: sqlx::PgPool, server: Server) {
     server.stop().await;
-    pool.close().await;
-    db.drop_db().await;
+    db.finish(pool).await;
 }
 
 #[tokio::test]
@@ -488,13 +487,6 @@ async fn analytics_reader_reads_analytics_only() {
         );
     }
     reader.close().await;
-    pool.close().await;
-    db.drop_db().await;
-    let mut admin: sqlx::PgConnection =
-        sqlx::Connection::connect(&format!("{}/postgres", common::server_url()))
-            .await
-            .unwrap();
-    let _ = sqlx::raw_sql(&format!("DROP ROLE IF EXISTS {login}"))
-        .execute(&mut admin)
-        .await;
+    db.finish(pool).await;
+    common::drop_role(&login).await;
 }

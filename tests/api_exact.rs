@@ -137,8 +137,7 @@ async fn api_numbers_equal_a_recomputation_after_a_random_workload() {
         .unwrap();
     assert_eq!(processed, applied);
     server.stop().await;
-    pool.close().await;
-    db.drop_db().await;
+    db.finish(pool).await;
 }
 
 #[tokio::test]
@@ -188,6 +187,5 @@ async fn metrics_expose_the_monitoring_points() {
     assert!(text.contains("crm_analytics_batch_duration_seconds_bucket"));
     assert!(text.contains("crm_analytics_retries_total"));
     server.stop().await;
-    pool.close().await;
-    db.drop_db().await;
+    db.finish(pool).await;
 }

@@ -47,8 +47,7 @@ async fn migrate_is_idempotent_and_versioned() {
             ("capture".into(), 2)
         ]
     );
-    pool.close().await;
-    db.drop_db().await;
+    db.finish(pool).await;
 }
 
 #[tokio::test]
@@ -148,8 +147,7 @@ async fn a_commit_writes_old_and_new_images_and_a_rollback_writes_nothing() {
         .as_str()
         .unwrap()
         .ends_with("+00:00"));
-    pool.close().await;
-    db.drop_db().await;
+    db.finish(pool).await;
 }
 
 #[tokio::test]
@@ -192,15 +190,8 @@ async fn an_application_role_writes_the_crm_but_cannot_read_the_outbox() {
         .await
         .unwrap();
     assert_eq!(n, 1);
-    pool.close().await;
-    db.drop_db().await;
-    let mut admin = sqlx::Connection::connect(&format!("{}/postgres", common::server_url()))
-        .await
-        .map(|c: sqlx::PgConnection| c)
-        .unwrap();
-    let _ = sqlx::raw_sql(&format!("DROP ROLE IF EXISTS {role}"))
-        .execute(&mut admin)
-        .await;
+    db.finish(pool).await;
+    common::drop_role(&role).await;
 }
 
 #[tokio::test]
@@ -220,6 +211,5 @@ async fn truncate_of_a_captured_table_is_refused() {
         .await
         .unwrap();
     assert_eq!(n, 1);
-    pool.close().await;
-    db.drop_db().await;
+    db.finish(pool).await;
 }

@@ -83,8 +83,7 @@ async fn sigkill_at_random_moments_loses_nothing_and_doubles_nothing() {
     common::assert_nontrivial(&pool).await;
     common::assert_exact(&pool).await;
     common::assert_counts_match_outbox(&pool).await;
-    pool.close().await;
-    db.drop_db().await;
+    db.finish(pool).await;
 }
 
 #[tokio::test]
@@ -107,6 +106,5 @@ async fn sigterm_under_load_finishes_or_releases_batches() {
     child.wait().await.ok();
     common::assert_exact(&pool).await;
     common::assert_counts_match_outbox(&pool).await;
-    pool.close().await;
-    db.drop_db().await;
+    db.finish(pool).await;
 }

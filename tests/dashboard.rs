@@ -177,6 +177,5 @@ async fn the_dashboard_shows_what_the_api_returns() {
 
     let _ = std::fs::remove_dir_all(&profile);
     server.stop().await;
-    pool.close().await;
-    db.drop_db().await;
+    db.finish(pool).await;
 }

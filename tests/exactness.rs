@@ -99,8 +99,7 @@ async fn a_known_history_gives_known_numbers() {
         vec![(a, d("2026-03-01"), 1, Decimal::from_str("1234.50").unwrap())]
     );
     common::assert_exact(&pool).await;
-    pool.close().await;
-    db.drop_db().await;
+    db.finish(pool).await;
 }
 
 #[tokio::test]
@@ -157,8 +156,7 @@ async fn concurrent_random_workload_is_exact_and_archived() {
         archived, relayed,
         "the archive holds exactly the relayed events"
     );
-    pool.close().await;
-    db.drop_db().await;
+    db.finish(pool).await;
 }
 
 fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
@@ -229,8 +227,7 @@ async fn every_event_delivered_twice_counts_once() {
     common::assert_nontrivial(&pool).await;
     common::assert_exact(&pool).await;
     common::assert_counts_match_outbox(&pool).await;
-    pool.close().await;
-    db.drop_db().await;
+    db.finish(pool).await;
 }
 
 #[tokio::test]
@@ -298,8 +295,7 @@ async fn backfill_with_writers_running_is_exact() {
         snapshots > before,
         "backfill counts the rows it read as snapshot events"
     );
-    pool.close().await;
-    db.drop_db().await;
+    db.finish(pool).await;
 }
 
 #[tokio::test]
@@ -327,6 +323,5 @@ async fn two_pipelines_at_once_share_the_work_without_doing_it_twice() {
     assert_eq!(relayed, applied);
     common::assert_exact(&pool).await;
     common::assert_counts_match_outbox(&pool).await;
-    pool.close().await;
-    db.drop_db().await;
+    db.finish(pool).await;
 }

@@ -50,6 +50,5 @@ async fn a_commit_is_visible_in_the_aggregates_well_under_a_second() {
     println!("freshness: median {median:?}, worst {worst:?}");
     assert!(median < Duration::from_millis(250), "median {median:?}");
     assert!(worst < Duration::from_secs(1), "worst {worst:?}");
-    pool.close().await;
-    db.drop_db().await;
+    db.finish(pool).await;
 }

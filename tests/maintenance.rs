@@ -37,8 +37,7 @@ async fn the_pipeline_vacuums_its_queue_tables() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     running.stop().await;
-    pool.close().await;
-    db.drop_db().await;
+    db.finish(pool).await;
 }
 
 #[tokio::test]
@@ -74,6 +73,5 @@ async fn retention_prunes_the_ledger_and_the_kept_outbox() {
     maintenance::run_once(&pool, &pool, &short).await.unwrap();
     let kept: (i64, i64) = sqlx::query_as(counts).fetch_one(&pool).await.unwrap();
     assert_eq!(kept, (0, 0));
-    pool.close().await;
-    db.drop_db().await;
+    db.finish(pool).await;
 }

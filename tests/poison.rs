@@ -159,8 +159,7 @@ async fn poison_events_are_parked_then_replayed_once_fixed() {
     assert_eq!((parked, failed), (0, 0));
     common::assert_exact(&pool).await;
     common::assert_counts_match_outbox(&pool).await;
-    pool.close().await;
-    db.drop_db().await;
+    db.finish(pool).await;
 }
 
 #[tokio::test]
@@ -191,6 +190,5 @@ async fn a_message_that_is_not_an_event_is_parked_with_its_raw_text() {
         .await
         .unwrap();
     assert_eq!(applied, 1);
-    pool.close().await;
-    db.drop_db().await;
+    db.finish(pool).await;
 }

@@ -73,6 +73,12 @@ impl TestDb {
         args
     }
 
+    /// Closes the test's pool, then drops the database.
+    pub async fn finish(self, pool: PgPool) {
+        pool.close().await;
+        self.drop_db().await;
+    }
+
     /// Drops the database (after the pools using it are closed).
     pub async fn drop_db(self) {
         let mut admin = PgConnection::connect(&format!("{}/postgres", server_url()))
@@ -248,6 +254,16 @@ pub async fn workload_through_pipeline(
     run_workload(pool, writers, transactions, seed).await;
     drain(pool, Duration::from_secs(60)).await;
     running.stop().await;
+}
+
+/// Drops a cluster-wide role a test created.
+pub async fn drop_role(role: &str) {
+    let mut admin = PgConnection::connect(&format!("{}/postgres", server_url()))
+        .await
+        .expect("connect");
+    let _ = sqlx::raw_sql(&format!("DROP ROLE IF EXISTS {role}"))
+        .execute(&mut admin)
+        .await;
 }
 
 pub fn binary() -> &'static str {
