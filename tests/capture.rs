@@ -75,6 +75,19 @@ async fn migrate_names_what_is_missing_when_the_crm_is_absent() {
         stderr.contains("cannot connect to PostgreSQL") && stderr.contains("DATABASE_URL"),
         "{stderr}"
     );
+    // The demo says the same in one sentence, instead of a stack of errors.
+    let output = std::process::Command::new(common::binary())
+        .args(["demo", "--duration", "1s"])
+        .env("DATABASE_URL", "postgres://postgres@127.0.0.1:1/nowhere")
+        .output()
+        .expect("run demo");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("cannot connect to PostgreSQL at")
+            && stderr.contains("Start PostgreSQL or fix DATABASE_URL"),
+        "{stderr}"
+    );
     db.drop_db().await;
 }
 
