@@ -78,6 +78,10 @@ pub async fn run(db: &DatabaseArgs, args: DemoArgs) -> anyhow::Result<()> {
     let pipeline = Arc::new(pipeline);
     // The pipeline stops before the server, so the dashboard outlives the workload.
     let pipeline_stop = shutdown.child_token();
+    // Bound before anything runs, so that a taken address fails the demo at once.
+    let listener = tokio::net::TcpListener::bind(args.server.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {} ({e}): pass --listen with a free address, e.g. --listen 127.0.0.1:8181", args.server.listen))?;
     let running = pipeline.spawn_all(pipeline_stop.clone());
     // A token of the demo's own unless tokens are configured.
     let token = match args
@@ -91,9 +95,9 @@ pub async fn run(db: &DatabaseArgs, args: DemoArgs) -> anyhow::Result<()> {
         None => uuid::Uuid::new_v4().simple().to_string(),
     };
     let server = {
-        let (state, stop, listen) = (pipeline.api_state(), shutdown.clone(), args.server.listen);
+        let (state, stop) = (pipeline.api_state(), shutdown.clone());
         let tokens = Tokens::parse(&token);
-        tokio::spawn(async move { crate::api::serve(listen, state, tokens, stop).await })
+        tokio::spawn(async move { crate::api::serve_on(listener, state, tokens, stop).await })
     };
     println!("dashboard: http://{}/#token={token}", args.server.listen);
     println!(
