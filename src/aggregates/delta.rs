@@ -184,11 +184,4 @@ impl Deltas {
         self.revenue.retain(|_, d| *d != RevenueDelta::default());
         self.counts.retain(|_, d| *d != CountDelta::default());
     }
-
-    pub fn is_empty(&self) -> bool {
-        self.daily.is_empty()
-            && self.funnel.is_empty()
-            && self.revenue.is_empty()
-            && self.counts.is_empty()
-    }
 }

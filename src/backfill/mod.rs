@@ -55,7 +55,6 @@ impl Snapshot {
 
 #[derive(Debug, Default)]
 pub struct BackfillReport {
-    pub rows_written: HashMap<&'static str, u64>,
     pub crm_rows: i64,
     pub snapshot: String,
 }
@@ -110,7 +109,6 @@ pub async fn run(
             bar
         });
         bar.set_position(rows);
-        report.rows_written.insert(table, rows);
     })
     .await?;
     for bar in spinners.values() {

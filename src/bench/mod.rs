@@ -15,7 +15,7 @@ use clap::Args;
 use sqlx::{Connection, PgConnection, PgPool};
 use std::path::PathBuf;
 
-pub use report::{Measurement, Report};
+pub use report::Report;
 
 #[derive(Debug, Clone, Args)]
 pub struct BenchArgs {

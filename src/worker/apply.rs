@@ -61,7 +61,6 @@ pub struct Applied {
     pub fresh: usize,
     /// Deliveries dropped as duplicates of events applied before.
     pub duplicates: usize,
-    pub archive_objects: usize,
 }
 
 pub struct Applier {
@@ -159,7 +158,6 @@ impl Applier {
         Ok(Applied {
             fresh: seen.len(),
             duplicates: events.len() - seen.len(),
-            archive_objects,
         })
     }
 }
