@@ -74,6 +74,12 @@ pub struct ServerArgs {
         default_value = ""
     )]
     pub api_tokens: String,
+
+    /// Longest time a metric response is served from the cache (0s: no cache). Any commit
+    /// that changes the aggregates outdates cached responses at once (LISTEN/NOTIFY); this
+    /// bounds staleness only while that notification connection is broken.
+    #[arg(long, env = "CRM_ANALYTICS_API_CACHE_TTL", default_value = "1s", value_parser = parse_duration)]
+    pub api_cache_ttl: Duration,
 }
 
 /// How the pipeline runs.

@@ -490,3 +490,50 @@ async fn analytics_reader_reads_analytics_only() {
     db.finish(pool).await;
     common::drop_role(&login).await;
 }
+
+/// Responses are cached until the aggregates change: with a one-hour time-to-live, only the
+/// change notification can make a changed row show up, whoever changed it (here plain SQL,
+/// as an operator or a rebuild would) and on every cached route.
+#[tokio::test]
+async fn cached_responses_follow_every_commit_to_the_aggregates() {
+    let (db, pool, server) = setup().await;
+    let routes = [
+        (
+            "/api/daily-metrics/",
+            "UPDATE analytics.daily_account_metrics SET activities = activities + 1",
+        ),
+        (
+            "/api/funnel-metrics/",
+            "UPDATE analytics.lead_funnel_metrics SET total = total + 1",
+        ),
+        (
+            "/api/revenue-metrics/",
+            "UPDATE analytics.revenue_metrics SET deals_won = deals_won + 1",
+        ),
+        (
+            "/api/event-counts/",
+            "DELETE FROM analytics.event_counts WHERE table_name = 'accounts'",
+        ),
+    ];
+    for (path, change) in routes {
+        let before = get_json(&server.base, path).await;
+        assert_eq!(
+            get_json(&server.base, path).await,
+            before,
+            "{path}: same answer while nothing changes"
+        );
+        sqlx::query(change).execute(&pool).await.unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            if get_json(&server.base, path).await != before {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{path}: still the cached answer 5 s after {change}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
+    teardown(db, pool, server).await;
+}

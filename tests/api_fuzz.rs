@@ -6,11 +6,12 @@ mod common;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use common::TestDb;
-use crm_analytics::api::{auth::Tokens, router, AppState};
+use crm_analytics::api::{auth::Tokens, cache::ResponseCache, router, AppState};
 use crm_analytics::queue::postgres::PostgresQueue;
 use http_body_util::BodyExt;
 use proptest::prelude::*;
 use std::sync::Arc;
+use std::time::Duration;
 use tower::ServiceExt;
 
 const ROUTES: [&str; 12] = [
@@ -99,7 +100,9 @@ fn random_queries_and_headers_never_get_a_500() {
         .unwrap();
         let queue = PostgresQueue::connect(pool.clone(), u64::MAX).await.unwrap();
         let state = AppState { crm: pool.clone(), analytics: pool.clone(), queue: Arc::new(queue) };
-        (db, router(state, Tokens::parse(common::TOKEN)))
+        let cache = ResponseCache::start(&pool, Duration::from_secs(3600)).await;
+        assert!(cache.is_some(), "the response cache listens for changes");
+        (db, router(state, Tokens::parse(common::TOKEN), cache))
     });
     let config = ProptestConfig {
         cases: 400,

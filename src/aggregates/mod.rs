@@ -23,4 +23,9 @@ pub const MIGRATIONS: &[Migration] = &[
         description: "read-only role analytics_reader for BI tools",
         sql: include_str!("sql/002_reader_role.sql"),
     },
+    Migration {
+        version: 3,
+        description: "notifications of aggregate changes, for the API's response cache",
+        sql: include_str!("sql/003_change_notifications.sql"),
+    },
 ];

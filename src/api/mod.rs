@@ -6,6 +6,7 @@
 //! the OpenAPI document needs a bearer token.
 
 pub mod auth;
+pub mod cache;
 pub mod error;
 pub mod models;
 pub mod query;
@@ -20,13 +21,33 @@ use axum::{middleware, Json, Router};
 use sqlx::PgPool;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use crate::queue::Queue;
 use auth::Tokens;
+use cache::ResponseCache;
 use error::ApiError;
+
+/// What a server needs besides its connections.
+#[derive(Clone)]
+pub struct ServeOptions {
+    pub tokens: Tokens,
+    /// Longest time a cached metric response is served (0: no cache); a commit that changes
+    /// the aggregates outdates it at once.
+    pub cache_ttl: Duration,
+}
+
+impl ServeOptions {
+    pub fn from_args(server: &crate::config::ServerArgs) -> Self {
+        Self {
+            tokens: Tokens::parse(&server.api_tokens),
+            cache_ttl: server.api_cache_ttl,
+        }
+    }
+}
 
 #[derive(Clone)]
 pub struct AppState {
@@ -73,12 +94,14 @@ const API_ROUTES: [&str; 5] = [
     "/api/health/",
 ];
 
-pub fn router(state: AppState, tokens: Tokens) -> Router {
+pub fn router(state: AppState, tokens: Tokens, cache: Option<ResponseCache>) -> Router {
+    // route_layer wraps the routes added before it: the cache sits inside the token check.
     let api = Router::new()
         .route(API_ROUTES[0], get(routes::daily_metrics))
         .route(API_ROUTES[1], get(routes::funnel_metrics))
         .route(API_ROUTES[2], get(routes::revenue_metrics))
         .route(API_ROUTES[3], get(routes::event_counts))
+        .route_layer(middleware::from_fn_with_state(cache, cache::serve_cached))
         .route(API_ROUTES[4], get(routes::health))
         .route_layer(middleware::from_fn_with_state(tokens, auth::require_token));
     Router::new()
@@ -146,28 +169,30 @@ async fn prometheus(State(state): State<AppState>) -> Response {
 pub async fn serve(
     listen: SocketAddr,
     state: AppState,
-    tokens: Tokens,
+    options: ServeOptions,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}: choose another address with CRM_ANALYTICS_LISTEN or --listen"))?;
-    serve_on(listener, state, tokens, shutdown).await
+    serve_on(listener, state, options, shutdown).await
 }
 
 /// Serves on a bound listener (tests bind port 0 and read the port back).
 pub async fn serve_on(
     listener: tokio::net::TcpListener,
     state: AppState,
-    tokens: Tokens,
+    options: ServeOptions,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     crate::telemetry::metrics::prometheus();
+    let ServeOptions { tokens, cache_ttl } = options;
     if tokens.is_empty() {
         tracing::warn!("no API tokens configured: every /api/ request will get 401; set CRM_ANALYTICS_API_TOKENS");
     }
     tracing::info!(listen = %listener.local_addr()?, "serving the API, the dashboard and /metrics");
-    axum::serve(listener, router(state, tokens))
+    let cache = ResponseCache::start(&state.analytics, cache_ttl).await;
+    axum::serve(listener, router(state, tokens, cache))
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await?;
     Ok(())

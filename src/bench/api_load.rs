@@ -77,7 +77,10 @@ pub async fn run(server: &str, scale: Scale, report: &mut Report) -> anyhow::Res
     let server_task = tokio::spawn(crate::api::serve_on(
         listener,
         state,
-        Tokens::parse(TOKEN),
+        crate::api::ServeOptions {
+            tokens: Tokens::parse(TOKEN),
+            cache_ttl: Duration::from_secs(1),
+        },
         stop.clone(),
     ));
     let to = chrono::Utc::now().date_naive();

@@ -41,7 +41,10 @@ pub async fn run(server: &str, scale: Scale, report: &mut Report) -> anyhow::Res
     let server_task = tokio::spawn(crate::api::serve_on(
         listener,
         pipeline.api_state(),
-        crate::api::auth::Tokens::parse(TOKEN),
+        crate::api::ServeOptions {
+            tokens: crate::api::auth::Tokens::parse(TOKEN),
+            cache_ttl: std::time::Duration::from_secs(1),
+        },
         stop.clone(),
     ));
 

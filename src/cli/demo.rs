@@ -96,8 +96,11 @@ pub async fn run(db: &DatabaseArgs, args: DemoArgs) -> anyhow::Result<()> {
     };
     let server = {
         let (state, stop) = (pipeline.api_state(), shutdown.clone());
-        let tokens = Tokens::parse(&token);
-        tokio::spawn(async move { crate::api::serve_on(listener, state, tokens, stop).await })
+        let options = crate::api::ServeOptions {
+            tokens: Tokens::parse(&token),
+            cache_ttl: args.server.api_cache_ttl,
+        };
+        tokio::spawn(async move { crate::api::serve_on(listener, state, options, stop).await })
     };
     println!("dashboard: http://{}/#token={token}", args.server.listen);
     println!(

@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 use uuid::Uuid;
 
-use crate::api::{auth::Tokens, AppState};
+use crate::api::AppState;
 use crate::config::{DatabaseArgs, PipelineArgs, ServerArgs};
 use crate::pipeline::{shutdown_on_signals, Pipeline, Roles};
 use crate::queue::{postgres::PostgresQueue, Queue};
@@ -179,8 +179,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Serve { server } => {
             let shutdown = shutdown_on_signals();
             let state = api_state(db).await?;
-            let tokens = Tokens::parse(&server.api_tokens);
-            crate::api::serve(server.listen, state, tokens, shutdown).await?
+            let options = crate::api::ServeOptions::from_args(&server);
+            crate::api::serve(server.listen, state, options, shutdown).await?
         }
         Command::Status { json } => {
             let crm = crate::db::connect(db.crm_url()?, "DATABASE_URL", 2).await?;
@@ -346,11 +346,10 @@ async fn run_pipeline(
     let Some(server) = server else {
         return pipeline.run(roles, shutdown).await;
     };
-    let tokens = Tokens::parse(&server.api_tokens);
     let api = crate::api::serve(
         server.listen,
         pipeline.api_state(),
-        tokens,
+        crate::api::ServeOptions::from_args(server),
         shutdown.clone(),
     );
     let (ran, served) = tokio::join!(pipeline.run(roles, shutdown.clone()), async {

@@ -296,11 +296,15 @@ impl Server {
             .expect("bind");
         let base = format!("http://{}", listener.local_addr().expect("addr"));
         let stop = CancellationToken::new();
-        let tokens = crm_analytics::api::auth::Tokens::parse(&format!("other-token,{TOKEN}"));
+        // A long time-to-live: any answer staler than the aggregates shows up in the tests.
+        let options = crm_analytics::api::ServeOptions {
+            tokens: crm_analytics::api::auth::Tokens::parse(&format!("other-token,{TOKEN}")),
+            cache_ttl: std::time::Duration::from_secs(3600),
+        };
         let task = tokio::spawn(crm_analytics::api::serve_on(
             listener,
             state,
-            tokens,
+            options,
             stop.clone(),
         ));
         Self { base, stop, task }
