@@ -14,7 +14,7 @@ use crate::event::{CrmTable, Operation};
 /// Rows are written to the analytics database in chunks of this many keys.
 const CHUNK: usize = 5_000;
 
-fn daily_sql(crm: &str) -> String {
+pub(crate) fn daily_sql(crm: &str) -> String {
     format!(
         "SELECT account_id, day, sum(lc)::int8, sum(lv)::int8, sum(a)::int8, sum(dw)::int8, sum(rw)
          FROM (
@@ -37,7 +37,7 @@ fn daily_sql(crm: &str) -> String {
     )
 }
 
-fn funnel_sql(crm: &str) -> String {
+pub(crate) fn funnel_sql(crm: &str) -> String {
     format!(
         "SELECT (created_at AT TIME ZONE 'UTC')::date, source,
                 count(*) FILTER (WHERE status = 'new'),
@@ -51,7 +51,7 @@ fn funnel_sql(crm: &str) -> String {
     )
 }
 
-fn revenue_sql(crm: &str) -> String {
+pub(crate) fn revenue_sql(crm: &str) -> String {
     format!(
         "SELECT account_id, date_trunc('month', closed_at AT TIME ZONE 'UTC')::date,
                 count(*), sum(amount)

@@ -68,7 +68,7 @@ async fn copy(server: &str, template: &BenchDb, label: &str) -> anyhow::Result<B
     })
 }
 
-async fn drained(pool: &PgPool) -> anyhow::Result<bool> {
+pub(super) async fn drained(pool: &PgPool) -> anyhow::Result<bool> {
     Ok(sqlx::query_scalar(
         "SELECT NOT EXISTS (SELECT 1 FROM crm_analytics.event_outbox) AND NOT EXISTS (SELECT 1 FROM crm_analytics.queue)",
     )
@@ -76,7 +76,11 @@ async fn drained(pool: &PgPool) -> anyhow::Result<bool> {
     .await?)
 }
 
-fn spawn(db: &BenchDb, command: &str, archive: &std::path::Path) -> anyhow::Result<Child> {
+pub(super) fn spawn(
+    db: &BenchDb,
+    command: &str,
+    archive: &std::path::Path,
+) -> anyhow::Result<Child> {
     let exe = std::env::current_exe()?;
     Ok(Command::new(exe)
         .arg(command)

@@ -9,6 +9,9 @@ mod api_load;
 mod capture_cost;
 mod drain;
 mod freshness;
+mod materialized_views;
+mod memory;
+mod plot;
 mod report;
 
 use clap::Args;
@@ -34,6 +37,12 @@ pub struct Scale {
     pub bulk_rows: i64,
     pub oltp_seconds: u64,
     pub freshness_seconds: u64,
+    /// CRM sizes (rows of the four tables) of the materialized-view comparison.
+    pub mv_sizes: &'static [i64],
+    /// CRM transactions applied at each of those sizes.
+    pub mv_changes: u64,
+    /// Length of the steady run that watches memory.
+    pub steady_seconds: u64,
 }
 
 impl Scale {
@@ -44,6 +53,9 @@ impl Scale {
                 bulk_rows: 20_000,
                 oltp_seconds: 4,
                 freshness_seconds: 8,
+                mv_sizes: &[10_000, 40_000],
+                mv_changes: 400,
+                steady_seconds: 20,
             }
         } else {
             Self {
@@ -51,6 +63,9 @@ impl Scale {
                 bulk_rows: 100_000,
                 oltp_seconds: 30,
                 freshness_seconds: 60,
+                mv_sizes: &[100_000, 1_000_000, 10_000_000],
+                mv_changes: 4_000,
+                steady_seconds: 600,
             }
         }
     }
@@ -127,7 +142,9 @@ pub async fn run(database_url: Option<&str>, args: BenchArgs) -> anyhow::Result<
     capture_cost::run(&server, scale, &mut report).await?;
     drain::run(&server, scale, &mut report).await?;
     freshness::run(&server, scale, &mut report).await?;
+    materialized_views::run(&server, scale, &mut report).await?;
     api_load::run(&server, scale, &mut report).await?;
+    memory::run(&server, scale, &mut report).await?;
     report.print();
     report.write(&args.output)?;
     println!("written to {}", args.output.display());

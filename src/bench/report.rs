@@ -4,10 +4,13 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
+use super::plot::Plot;
 use super::Scale;
 
 /// Everything from this line on in BENCHMARKS.md is kept when the report is rewritten.
 pub const ANALYSIS_MARKER: &str = "<!-- analysis: kept across runs -->";
+/// Plots go to this folder beside the report.
+const PLOT_DIR: &str = "benchmarks";
 
 #[derive(Debug, Clone)]
 pub struct Measurement {
@@ -22,6 +25,7 @@ pub struct Report {
     quick: bool,
     scale: Scale,
     rows: Vec<Measurement>,
+    plots: Vec<(&'static str, Plot)>,
 }
 
 impl Report {
@@ -30,6 +34,7 @@ impl Report {
             quick,
             scale,
             rows: Vec::new(),
+            plots: Vec::new(),
         }
     }
 
@@ -56,6 +61,12 @@ impl Report {
                 .unwrap_or_default()
         );
         self.rows.push(m);
+    }
+
+    /// A chart shown under the table of `section`.
+    pub fn add_plot(&mut self, section: &'static str, plot: Plot) {
+        println!("  (plot: {})", plot.caption);
+        self.plots.push((section, plot));
     }
 
     pub fn print(&self) {
@@ -108,33 +119,39 @@ impl Report {
         );
         let _ = writeln!(
             md,
-            "Sizes: backlog {} events, bulk statement {} rows, OLTP runs of {} s, freshness run of {} s. \
+            "Sizes: backlog {} events, bulk statement {} rows, OLTP runs of {} s, freshness run of {} s, \
+             materialized views at {:?} CRM rows with {} CRM transactions each, steady run of {} s. \
              Every comparison ran side by side in this run; ratios matter more than absolute numbers, \
              which drift on a shared machine.\n",
-            self.scale.backlog, self.scale.bulk_rows, self.scale.oltp_seconds, self.scale.freshness_seconds
+            self.scale.backlog, self.scale.bulk_rows, self.scale.oltp_seconds, self.scale.freshness_seconds,
+            self.scale.mv_sizes, self.scale.mv_changes, self.scale.steady_seconds
         );
-        let mut section = "";
+        let plot_dir = path.parent().unwrap_or(Path::new("")).join(PLOT_DIR);
+        let mut sections: Vec<&'static str> = Vec::new();
         for row in &self.rows {
-            if row.section != section {
-                section = row.section;
-                let _ = writeln!(
-                    md,
-                    "\n## {section}\n\n| measurement | value | target |\n|---|---:|---|"
-                );
+            if !sections.contains(&row.section) {
+                sections.push(row.section);
             }
-            let target = match &row.target {
-                Some((t, true)) => format!("met: {t}"),
-                Some((t, false)) => format!("**missed**: {t}"),
-                None => String::new(),
-            };
-            let _ = writeln!(md, "| {} | {} | {} |", row.name, row.value, target);
         }
-        let _ = writeln!(
-            md,
-            "\n## Not measured yet\n\n\
-             - 4. the same metrics as materialized views refreshed with REFRESH MATERIALIZED VIEW CONCURRENTLY at 100k, 1M and 10M CRM rows, with plots;\n\
-             - 6. RSS flatness over a 10-minute steady run (only the peak during the drain is measured)."
-        );
+        for section in sections {
+            let _ = writeln!(
+                md,
+                "\n## {section}\n\n| measurement | value | target |\n|---|---:|---|"
+            );
+            for row in self.rows.iter().filter(|r| r.section == section) {
+                let target = match &row.target {
+                    Some((t, true)) => format!("met: {t}"),
+                    Some((t, false)) => format!("**missed**: {t}"),
+                    None => String::new(),
+                };
+                let _ = writeln!(md, "| {} | {} | {} |", row.name, row.value, target);
+            }
+            for (_, plot) in self.plots.iter().filter(|(s, _)| *s == section) {
+                std::fs::create_dir_all(&plot_dir)?;
+                std::fs::write(plot_dir.join(&plot.file), &plot.svg)?;
+                let _ = writeln!(md, "\n![{}]({PLOT_DIR}/{})", plot.caption, plot.file);
+            }
+        }
         // Hand-written analysis below the marker survives a new run.
         if let Ok(previous) = std::fs::read_to_string(path) {
             if let Some(at) = previous.find(ANALYSIS_MARKER) {

@@ -1,0 +1,329 @@
+//! Against what a user would do instead: the same metrics as plain PostgreSQL materialized
+//! views refreshed with REFRESH MATERIALIZED VIEW CONCURRENTLY, at growing CRM sizes. At each
+//! size the same change volume is applied incrementally by the pipeline and then picked up
+//! by one refresh of the views; afterwards the views and the aggregates must agree.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+use super::plot::{line_chart, Axes, Plot, Series};
+use super::{percentile, BenchDb, Report, Scale};
+use crate::aggregates::recompute;
+use crate::config::{DatabaseArgs, PipelineArgs};
+use crate::pipeline::Pipeline;
+use crate::workload::{WorkloadConfig, WorkloadStats};
+
+const SECTION: &str = "4. Against materialized views (REFRESH MATERIALIZED VIEW CONCURRENTLY)";
+const PROBES: usize = 20;
+
+/// What one size measured.
+struct AtSize {
+    rows: i64,
+    events: i64,
+    incremental: Duration,
+    refresh: Duration,
+    freshness_p50: Duration,
+}
+
+pub async fn run(server: &str, scale: Scale, report: &mut Report) -> anyhow::Result<()> {
+    println!("{SECTION}");
+    let mut results = Vec::new();
+    let changes = scale.mv_changes;
+    for &rows in scale.mv_sizes {
+        let at = one_size(server, rows, changes).await?;
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        let label = human(at.rows);
+        report.add(
+            SECTION,
+            format!("{label} CRM rows: one refresh of the four views"),
+            format!("{:.0} ms", ms(at.refresh)),
+            None,
+        );
+        report.add(
+            SECTION,
+            format!(
+                "{label} CRM rows: the same {} events ({changes} CRM transactions) applied incrementally",
+                at.events
+            ),
+            format!("{:.0} ms", ms(at.incremental)),
+            None,
+        );
+        let ratio = at.refresh.as_secs_f64() / at.incremental.as_secs_f64();
+        report.add(
+            SECTION,
+            format!("{label} CRM rows: refresh / incremental"),
+            format!("{ratio:.1}x"),
+            None,
+        );
+        report.add(
+            SECTION,
+            format!("{label} CRM rows: freshness, views refreshed back to back / incremental p50"),
+            format!(
+                "{:.0}–{:.0} ms / {:.1} ms",
+                ms(at.refresh),
+                2.0 * ms(at.refresh),
+                ms(at.freshness_p50)
+            ),
+            None,
+        );
+        results.push(at);
+    }
+    let ms_series = |name: &str, pick: fn(&AtSize) -> Duration| Series {
+        name: name.to_string(),
+        points: results
+            .iter()
+            .map(|r| (r.rows as f64, pick(r).as_secs_f64() * 1000.0))
+            .collect(),
+    };
+    let svg = line_chart(
+        "Cost of picking up the same change volume, by CRM size",
+        Axes {
+            x: "CRM rows (log)",
+            y: "milliseconds (log)",
+            log: true,
+        },
+        &[
+            ms_series("REFRESH MATERIALIZED VIEW CONCURRENTLY, 4 views", |r| {
+                r.refresh
+            }),
+            ms_series("incremental (crm-analytics run)", |r| r.incremental),
+            ms_series("incremental freshness p50", |r| r.freshness_p50),
+        ],
+    )?;
+    report.add_plot(
+        SECTION,
+        Plot {
+            file: "materialized-views.svg".into(),
+            caption: "refresh cost versus incremental cost and freshness, by CRM size".into(),
+            svg,
+        },
+    );
+    Ok(())
+}
+
+fn human(rows: i64) -> String {
+    match rows {
+        r if r >= 1_000_000 && r % 1_000_000 == 0 => format!("{}M", r / 1_000_000),
+        r if r >= 1_000 && r % 1_000 == 0 => format!("{}k", r / 1_000),
+        r => r.to_string(),
+    }
+}
+
+async fn one_size(server: &str, rows: i64, changes: u64) -> anyhow::Result<AtSize> {
+    let db = BenchDb::create(server, "mv").await?;
+    let pool = db.pool(8).await?;
+    crate::cli::migrate_all(&pool, &pool, "public", true).await?;
+    let started = Instant::now();
+    load_crm(&pool, rows).await?;
+    println!(
+        "  {} CRM rows loaded in {:.0?}",
+        human(rows),
+        started.elapsed()
+    );
+    crate::backfill::run(&pool, &pool, "public", false).await?;
+    create_views(&pool).await?;
+
+    // The change volume, captured into the outbox while nothing drains it.
+    let stats = Arc::new(WorkloadStats::default());
+    let workload = WorkloadConfig {
+        writers: 4,
+        transactions_per_writer: Some(changes / 4),
+        rollback_ratio: 0.0,
+        seed: 7,
+        crm_schema: "public".into(),
+    };
+    crate::workload::run(&pool, &workload, stats, CancellationToken::new()).await?;
+    let events: i64 = sqlx::query_scalar("SELECT count(*) FROM crm_analytics.event_outbox")
+        .fetch_one(&pool)
+        .await?;
+
+    // Incremental: the pipeline drains those events; then probes measure freshness.
+    let dbargs = DatabaseArgs {
+        database_url: Some(db.url.clone()),
+        analytics_database_url: None,
+        crm_schema: "public".into(),
+    };
+    let mut args = PipelineArgs::from_env();
+    let archive = std::env::temp_dir().join(&db.name);
+    args.archive = archive.to_string_lossy().into_owned();
+    let pipeline = Arc::new(Pipeline::connect(&dbargs, &args).await?);
+    let stop = CancellationToken::new();
+    let started = Instant::now();
+    let running = pipeline.spawn_all(stop.clone());
+    while !super::drain::drained(&pool).await? {
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(600),
+            "{events} events did not drain"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let incremental = started.elapsed();
+    let freshness_p50 = probe_freshness(&pool).await?;
+    stop.cancel();
+    running.await??;
+    pipeline.crm.close().await;
+    pipeline.analytics.close().await;
+    let _ = std::fs::remove_dir_all(&archive);
+
+    // The alternative: one refresh of every view picks up the same changes.
+    let started = Instant::now();
+    for (view, _, _) in VIEWS {
+        sqlx::raw_sql(&format!(
+            "REFRESH MATERIALIZED VIEW CONCURRENTLY bench_mv.{view}"
+        ))
+        .execute(&pool)
+        .await?;
+    }
+    let refresh = started.elapsed();
+    check_views_match_aggregates(&pool).await?;
+    pool.close().await;
+    db.drop_db().await?;
+    Ok(AtSize {
+        rows,
+        events,
+        incremental,
+        refresh,
+        freshness_p50,
+    })
+}
+
+/// Accounts, leads, projects and activities in the proportions of a CRM (1 : 35 : 10 : 54),
+/// written with triggers off: the data existed before capture was attached.
+async fn load_crm(pool: &sqlx::PgPool, rows: i64) -> anyhow::Result<()> {
+    let part = |share: f64| ((rows as f64) * share).round() as i64;
+    let mut conn = pool.acquire().await?;
+    sqlx::raw_sql("SET session_replication_role = replica")
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query("INSERT INTO accounts (name, created_at) SELECT 'account ' || i, now() - (i % 700) * interval '1 day' FROM generate_series(1, $1) i")
+        .bind(part(0.01).max(10))
+        .execute(&mut *conn)
+        .await?;
+    for (sql, share) in [
+        ("INSERT INTO leads (account_id, source, status, converted_at, created_at)
+          SELECT a.ids[1 + i % a.n], (ARRAY['web','event','referral','outbound','partner'])[1 + i % 5],
+                 (ARRAY['new','contacted','qualified','converted','lost'])[1 + i % 5],
+                 CASE WHEN i % 5 = 3 THEN now() - (i % 300) * interval '1 day' END,
+                 now() - (i % 365) * interval '1 day' - (i % 1440) * interval '1 minute'
+          FROM generate_series(1, $1) i, (SELECT array_agg(id) ids, count(*) n FROM accounts) a", 0.35),
+        ("INSERT INTO projects (account_id, name, status, amount, closed_at)
+          SELECT a.ids[1 + i % a.n], 'deal ' || i, (ARRAY['open','won','lost'])[1 + i % 3], (i % 9000) + 0.25,
+                 CASE WHEN i % 3 > 0 THEN now() - (i % 730) * interval '1 day' END
+          FROM generate_series(1, $1) i, (SELECT array_agg(id) ids, count(*) n FROM accounts) a", 0.10),
+        ("INSERT INTO activities (account_id, activity_type, occurred_at)
+          SELECT a.ids[1 + i % a.n], (ARRAY['call','email','meeting','note','task'])[1 + i % 5],
+                 now() - (i % 365) * interval '1 day'
+          FROM generate_series(1, $1) i, (SELECT array_agg(id) ids, count(*) n FROM accounts) a", 0.54),
+    ] {
+        sqlx::query(sql).bind(part(share)).execute(&mut *conn).await?;
+    }
+    sqlx::raw_sql("RESET session_replication_role")
+        .execute(&mut *conn)
+        .await?;
+    sqlx::raw_sql("VACUUM ANALYZE").execute(&mut *conn).await?;
+    Ok(())
+}
+
+/// The views a user would write: the same SQL the aggregates are verified against, and for
+/// the fourth, rows per table and day (views see rows, not events).
+const VIEWS: [(&str, &str, &str); 4] = [
+    (
+        "daily_account_metrics",
+        "account_id, date, leads_created, leads_converted, activities, deals_won, revenue_won",
+        "account_id, date",
+    ),
+    (
+        "lead_funnel_metrics",
+        "cohort_date, source, new, contacted, qualified, converted, lost, total",
+        "cohort_date, source",
+    ),
+    (
+        "revenue_metrics",
+        "account_id, month, deals_won, revenue",
+        "account_id, month",
+    ),
+    (
+        "rows_per_day",
+        "date, table_name, count",
+        "date, table_name",
+    ),
+];
+
+async fn create_views(pool: &sqlx::PgPool) -> anyhow::Result<()> {
+    let rows_per_day = "SELECT (created_at AT TIME ZONE 'UTC')::date, t, count(*) FROM (
+            SELECT created_at, 'accounts' AS t FROM public.accounts
+            UNION ALL SELECT created_at, 'leads' FROM public.leads
+            UNION ALL SELECT created_at, 'projects' FROM public.projects
+            UNION ALL SELECT created_at, 'activities' FROM public.activities) r GROUP BY 1, 2"
+        .to_string();
+    let queries = [
+        recompute::daily_sql("public"),
+        recompute::funnel_sql("public"),
+        recompute::revenue_sql("public"),
+        rows_per_day,
+    ];
+    sqlx::raw_sql("CREATE SCHEMA bench_mv")
+        .execute(pool)
+        .await?;
+    for ((view, columns, key), query) in VIEWS.iter().zip(queries) {
+        sqlx::raw_sql(&format!(
+            "CREATE MATERIALIZED VIEW bench_mv.{view} ({columns}) AS {query};
+             CREATE UNIQUE INDEX ON bench_mv.{view} ({key});"
+        ))
+        .execute(pool)
+        .await?;
+    }
+    Ok(())
+}
+
+/// After the refresh, the three shared metrics must be the same rows in both.
+async fn check_views_match_aggregates(pool: &sqlx::PgPool) -> anyhow::Result<()> {
+    for (view, _, _) in &VIEWS[..3] {
+        let differing: i64 = sqlx::query_scalar(&format!(
+            "SELECT count(*) FROM (
+                (SELECT * FROM bench_mv.{view} EXCEPT SELECT * FROM analytics.{view})
+                UNION ALL
+                (SELECT * FROM analytics.{view} EXCEPT SELECT * FROM bench_mv.{view})) d"
+        ))
+        .fetch_one(pool)
+        .await?;
+        anyhow::ensure!(
+            differing == 0,
+            "{view}: the materialized view and the aggregates differ in {differing} rows"
+        );
+    }
+    Ok(())
+}
+
+/// Commit to visible in the funnel aggregate, for single-lead transactions.
+async fn probe_freshness(pool: &sqlx::PgPool) -> anyhow::Result<Duration> {
+    let mut samples = Vec::with_capacity(PROBES);
+    for probe in 0..PROBES {
+        let source = format!("probe-{probe}");
+        sqlx::query("INSERT INTO leads (source) VALUES ($1)")
+            .bind(&source)
+            .execute(pool)
+            .await?;
+        let committed = Instant::now();
+        loop {
+            let seen: bool = sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM analytics.lead_funnel_metrics WHERE source = $1)",
+            )
+            .bind(&source)
+            .fetch_one(pool)
+            .await?;
+            if seen {
+                samples.push(committed.elapsed());
+                break;
+            }
+            anyhow::ensure!(
+                committed.elapsed() < Duration::from_secs(30),
+                "a probe never became visible"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    samples.sort();
+    Ok(percentile(&samples, 0.5))
+}
