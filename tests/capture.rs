@@ -43,8 +43,10 @@ async fn migrate_is_idempotent_and_versioned() {
         vec![
             ("analytics".into(), 1),
             ("analytics".into(), 2),
+            ("analytics".into(), 3),
             ("capture".into(), 1),
-            ("capture".into(), 2)
+            ("capture".into(), 2),
+            ("capture".into(), 3)
         ]
     );
     db.finish(pool).await;
@@ -224,5 +226,57 @@ async fn truncate_of_a_captured_table_is_refused() {
         .await
         .unwrap();
     assert_eq!(n, 1);
+    db.finish(pool).await;
+}
+
+/// Writes wake a relay only while one may be asleep: with the flag down (a relay polling
+/// under load) a commit sends no notification, with it up it does, and a rolled-back
+/// write never does.
+#[tokio::test]
+async fn writes_notify_only_while_a_relay_sleeps() {
+    let (db, pool) = TestDb::migrated().await;
+    let mut listener = sqlx::postgres::PgListener::connect_with(&pool)
+        .await
+        .unwrap();
+    listener
+        .listen(crm_analytics::capture::OUTBOX_CHANNEL)
+        .await
+        .unwrap();
+    let wait = std::time::Duration::from_millis(300);
+    let insert = "INSERT INTO leads (source) VALUES ('web')";
+
+    let up: i64 = sqlx::query_scalar("SELECT last_value FROM crm_analytics.relay_asleep")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(up, 1, "until a relay says it is awake, writes notify");
+    sqlx::query(insert).execute(&pool).await.unwrap();
+    let note = tokio::time::timeout(wait, listener.recv()).await;
+    assert!(matches!(note, Ok(Ok(_))), "flag up: a commit notifies");
+
+    sqlx::query("SELECT setval('crm_analytics.relay_asleep', 0)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::query(insert).execute(&pool).await.unwrap();
+    let note = tokio::time::timeout(wait, listener.recv()).await;
+    assert!(note.is_err(), "flag down: no notification, got {note:?}");
+
+    sqlx::query("SELECT setval('crm_analytics.relay_asleep', 1)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query(insert).execute(&mut *tx).await.unwrap();
+    tx.rollback().await.unwrap();
+    let note = tokio::time::timeout(wait, listener.recv()).await;
+    assert!(note.is_err(), "a rollback notifies nobody, got {note:?}");
+    sqlx::query(insert).execute(&pool).await.unwrap();
+    let note = tokio::time::timeout(wait, listener.recv()).await;
+    assert!(
+        matches!(note, Ok(Ok(_))),
+        "flag up again: a commit notifies"
+    );
+    drop(listener);
     db.finish(pool).await;
 }

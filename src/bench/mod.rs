@@ -25,9 +25,23 @@ pub struct BenchArgs {
     /// Small sizes and short runs (a couple of minutes): what CI runs.
     #[arg(long)]
     pub quick: bool,
-    /// Where the report goes (Markdown).
+    /// Where the report goes (Markdown; plots go to a `benchmarks` folder beside it).
     #[arg(long, default_value = "BENCHMARKS.md")]
     pub output: PathBuf,
+    /// Run only these measurements (comma-separated); all by default.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub only: Vec<Measure>,
+}
+
+/// The measurements of the suite, in the order they run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Measure {
+    Capture,
+    Drain,
+    Freshness,
+    MaterializedViews,
+    Api,
+    Memory,
 }
 
 /// Sizes of one run.
@@ -139,12 +153,25 @@ pub async fn run(database_url: Option<&str>, args: BenchArgs) -> anyhow::Result<
         if args.quick { "quick" } else { "full" },
         crate::db::redact(&server)
     );
-    capture_cost::run(&server, scale, &mut report).await?;
-    drain::run(&server, scale, &mut report).await?;
-    freshness::run(&server, scale, &mut report).await?;
-    materialized_views::run(&server, scale, &mut report).await?;
-    api_load::run(&server, scale, &mut report).await?;
-    memory::run(&server, scale, &mut report).await?;
+    let wanted = |m: Measure| args.only.is_empty() || args.only.contains(&m);
+    if wanted(Measure::Capture) {
+        capture_cost::run(&server, scale, &mut report).await?;
+    }
+    if wanted(Measure::Drain) {
+        drain::run(&server, scale, &mut report).await?;
+    }
+    if wanted(Measure::Freshness) {
+        freshness::run(&server, scale, &mut report).await?;
+    }
+    if wanted(Measure::MaterializedViews) {
+        materialized_views::run(&server, scale, &mut report).await?;
+    }
+    if wanted(Measure::Api) {
+        api_load::run(&server, scale, &mut report).await?;
+    }
+    if wanted(Measure::Memory) {
+        memory::run(&server, scale, &mut report).await?;
+    }
     report.print();
     report.write(&args.output)?;
     println!("written to {}", args.output.display());

@@ -21,6 +21,11 @@ pub const MIGRATIONS: &[Migration] = &[
         description: "sequential event ids",
         sql: include_str!("sql/002_sequential_ids.sql"),
     },
+    Migration {
+        version: 3,
+        description: "notifications only while a relay may be asleep",
+        sql: include_str!("sql/003_quiet_when_busy.sql"),
+    },
 ];
 
 /// Channel the capture triggers notify on commit.

@@ -1,8 +1,9 @@
 //! Relay: moves committed events from the CRM's outbox to the queue, in batches.
 //!
 //! Owns claiming (`FOR UPDATE SKIP LOCKED`, so several relays never double the work),
-//! publishing, and removing the claimed rows in the same CRM transaction. It wakes on the
-//! capture triggers' NOTIFY and polls as a safety net. If publishing succeeds but the commit
+//! publishing, and removing the claimed rows in the same CRM transaction. While events flow
+//! it polls every few milliseconds; idle, it sleeps until the capture triggers' NOTIFY, with
+//! a slow poll as the safety net. If publishing succeeds but the commit
 //! does not, the events are published again later: at least once, never lost.
 
 use chrono::{DateTime, Utc};
@@ -90,7 +91,69 @@ pub async fn relay_once(
     Ok(envelopes.len())
 }
 
+/// While events keep coming the relay stays awake and polls this often, so that writers
+/// need not notify it: a NOTIFY costs every CRM transaction more than this poll costs us.
+const AWAKE_POLL: Duration = Duration::from_millis(5);
+/// After this long without events the relay goes to sleep and lets writers wake it.
+const LINGER: Duration = Duration::from_secs(1);
+
+/// The `relay_asleep` flag the capture's statement trigger reads before it notifies.
+struct SleepFlag {
+    crm: PgPool,
+    /// What this relay last wrote (None: nothing yet).
+    asleep: Option<bool>,
+    /// Transactions that were running when the flag went up: they may have read it down
+    /// and will commit without a notification, so the relay keeps polling until they end.
+    in_flight: Option<(String, std::time::Instant)>,
+}
+
+impl SleepFlag {
+    async fn set(&mut self, asleep: bool) -> Result<(), sqlx::Error> {
+        if self.asleep == Some(asleep) {
+            return Ok(());
+        }
+        sqlx::query("SELECT setval('crm_analytics.relay_asleep', $1, true)")
+            .bind(i64::from(asleep))
+            .execute(&self.crm)
+            .await?;
+        self.asleep = Some(asleep);
+        self.in_flight = None;
+        if asleep {
+            // A statement of its own, after the flag is up: setval took a transaction id.
+            let snapshot: String = sqlx::query_scalar("SELECT pg_current_snapshot()::text")
+                .fetch_one(&self.crm)
+                .await?;
+            self.in_flight = Some((snapshot, std::time::Instant::now()));
+        }
+        Ok(())
+    }
+
+    /// Whether writers that may not have seen the flag up can still commit.
+    async fn writers_in_flight(&mut self, patience: Duration) -> Result<bool, sqlx::Error> {
+        let Some((snapshot, since)) = &self.in_flight else {
+            return Ok(false);
+        };
+        // Past the patience, the ordinary poll picks up whatever they commit.
+        let running = since.elapsed() < patience
+            && sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM pg_snapshot_xip($1::pg_snapshot) x
+                                WHERE pg_xact_status(x) = 'in progress')",
+            )
+            .bind(snapshot)
+            .fetch_one(&self.crm)
+            .await?;
+        if !running {
+            self.in_flight = None;
+        }
+        Ok(running)
+    }
+}
+
 /// Relays until `shutdown` is cancelled; a batch under way finishes first.
+///
+/// Awake, the relay polls every AWAKE_POLL and writers do not notify; after LINGER without
+/// events it raises the sleep flag, polls until the transactions that may have missed the
+/// flag have ended, and then sleeps until a notification (or the safety-net poll).
 pub async fn run(
     crm: PgPool,
     queue: Arc<dyn Queue>,
@@ -98,40 +161,69 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let watcher = ChannelWatcher::start(&crm, OUTBOX_CHANNEL).await?;
+    let mut flag = SleepFlag {
+        crm: crm.clone(),
+        asleep: None,
+        in_flight: None,
+    };
+    let mut last_event = std::time::Instant::now();
     let mut failures = 0u32;
     while !shutdown.is_cancelled() {
         match queue.is_full().await {
             Ok(true) => {
                 // Backpressure: the workers are behind; let them catch up.
-                tokio::select! {
-                    _ = shutdown.cancelled() => {}
-                    _ = tokio::time::sleep(Duration::from_millis(50)) => {}
-                }
+                pause(&shutdown, Duration::from_millis(50)).await;
                 continue;
             }
             Ok(false) => {}
             Err(error) => tracing::warn!(%error, "cannot read the queue's depth"),
         }
         let epoch = watcher.epoch();
-        match relay_once(&crm, &*queue, &config).await {
-            Ok(n) if n >= config.batch_size => failures = 0,
-            Ok(_) => {
+        let step = async {
+            let relayed = relay_once(&crm, &*queue, &config).await?;
+            if relayed > 0 {
+                last_event = std::time::Instant::now();
+                flag.set(false).await?;
+            }
+            if relayed >= config.batch_size {
+                return Ok(Duration::ZERO);
+            }
+            if last_event.elapsed() < LINGER {
+                return Ok(AWAKE_POLL);
+            }
+            if flag.asleep != Some(true) {
+                flag.set(true).await?;
+                return Ok(Duration::ZERO); // look once more with the flag up
+            }
+            if flag.writers_in_flight(config.poll_interval).await? {
+                return Ok(AWAKE_POLL);
+            }
+            Ok::<_, anyhow::Error>(config.poll_interval)
+        };
+        match step.await {
+            Ok(wait) => {
                 failures = 0;
-                tokio::select! {
-                    _ = shutdown.cancelled() => {}
-                    _ = watcher.wait(epoch, config.poll_interval) => {}
+                if !wait.is_zero() {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => {}
+                        _ = watcher.wait(epoch, wait) => {}
+                    }
                 }
             }
             Err(error) => {
                 failures = failures.saturating_add(1);
-                let pause = crate::worker::backoff(Duration::from_millis(200), failures);
-                tracing::warn!(%error, pause_ms = pause.as_millis() as u64, "relay failed; will retry");
-                tokio::select! {
-                    _ = shutdown.cancelled() => {}
-                    _ = tokio::time::sleep(pause) => {}
-                }
+                let wait = crate::worker::backoff(Duration::from_millis(200), failures);
+                tracing::warn!(%error, pause_ms = wait.as_millis() as u64, "relay failed; will retry");
+                pause(&shutdown, wait).await;
             }
         }
     }
     Ok(())
+}
+
+async fn pause(shutdown: &CancellationToken, wait: Duration) {
+    tokio::select! {
+        _ = shutdown.cancelled() => {}
+        _ = tokio::time::sleep(wait) => {}
+    }
 }
