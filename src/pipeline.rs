@@ -59,13 +59,21 @@ pub fn analytics_pool_size(workers: usize) -> u32 {
     (workers * 2 + 8) as u32
 }
 
-/// Connections of the CRM pool: relay claim, outbox listener, maintenance, status.
-pub const CRM_POOL_SIZE: u32 = 4;
+/// Connections of the CRM pool: one claim per relay loop, plus the outbox listener,
+/// the sleep flag, maintenance and status.
+pub fn crm_pool_size(relays: usize) -> u32 {
+    (relays + 4) as u32
+}
 
 impl Pipeline {
     pub async fn connect(db: &DatabaseArgs, args: &PipelineArgs) -> anyhow::Result<Self> {
         let workers = args.workers();
-        let crm = crate::db::connect(db.crm_url()?, "DATABASE_URL", CRM_POOL_SIZE).await?;
+        let crm = crate::db::connect(
+            db.crm_url()?,
+            "DATABASE_URL",
+            crm_pool_size(args.relays as usize),
+        )
+        .await?;
         let analytics = crate::db::connect(
             db.analytics_url()?,
             db.analytics_setting(),
@@ -94,6 +102,7 @@ impl Pipeline {
             queue,
             applier,
             relay: RelayConfig {
+                loops: args.relays as usize,
                 batch_size: args.batch_size as usize,
                 poll_interval: args.poll_interval,
                 outbox_retention: args.outbox_retention,

@@ -21,6 +21,8 @@ use crate::queue::Queue;
 
 #[derive(Debug, Clone)]
 pub struct RelayConfig {
+    /// Concurrent relay loops (they never claim the same rows: SKIP LOCKED).
+    pub loops: usize,
     pub batch_size: usize,
     pub poll_interval: Duration,
     /// Keep relayed rows in event_outbox_processed (pruned by maintenance) when non-zero.
@@ -161,6 +163,26 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let watcher = ChannelWatcher::start(&crm, OUTBOX_CHANNEL).await?;
+    let mut loops = tokio::task::JoinSet::new();
+    for _ in 0..config.loops.max(1) {
+        let (crm, queue, config) = (crm.clone(), queue.clone(), config.clone());
+        let (watcher, shutdown) = (watcher.clone(), shutdown.clone());
+        loops.spawn(async move { relay_loop(crm, queue, config, watcher, shutdown).await });
+    }
+    while let Some(done) = loops.join_next().await {
+        done?;
+    }
+    Ok(())
+}
+
+/// One relay loop: claims, publishes and sleeps on its own; loops share the listener.
+async fn relay_loop(
+    crm: PgPool,
+    queue: Arc<dyn Queue>,
+    config: RelayConfig,
+    watcher: ChannelWatcher,
+    shutdown: CancellationToken,
+) {
     let mut flag = SleepFlag {
         crm: crm.clone(),
         asleep: None,
@@ -218,7 +240,6 @@ pub async fn run(
             }
         }
     }
-    Ok(())
 }
 
 async fn pause(shutdown: &CancellationToken, wait: Duration) {

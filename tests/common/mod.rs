@@ -118,7 +118,9 @@ pub async fn start_with<F>(db: &TestDb, args: &PipelineArgs, make_queue: F) -> R
 where
     F: FnOnce(PgPool) -> Arc<dyn Queue>,
 {
-    let crm = db.pool(crm_analytics::pipeline::CRM_POOL_SIZE).await;
+    let crm = db
+        .pool(crm_analytics::pipeline::crm_pool_size(args.relays as usize))
+        .await;
     let analytics = db
         .pool(crm_analytics::pipeline::analytics_pool_size(args.workers()))
         .await;
