@@ -16,45 +16,14 @@ async fn a_commit_is_visible_in_the_aggregates_well_under_a_second() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mut samples = Vec::new();
     for i in 0..10 {
-        let source = format!("fresh-{i}");
-        let started = Instant::now();
-        sqlx::query("INSERT INTO leads (source) VALUES ($1)")
-            .bind(&source)
-            .execute(&pool)
-            .await
-            .unwrap();
-        loop {
-            if visible(&pool, &source).await {
-                break;
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(5),
-                "change {i} never became visible"
-            );
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-        samples.push(started.elapsed());
+        samples.push(commit_to_visible(&pool, &format!("fresh-{i}")).await);
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // Then changes that each find the relay asleep (no event for over a second): only the
     // sleep flag and the notification it turns on can bring them in before the 30 s poll.
     for i in 0..3 {
         tokio::time::sleep(Duration::from_millis(1_500)).await;
-        let source = format!("after-sleep-{i}");
-        let started = Instant::now();
-        sqlx::query("INSERT INTO leads (source) VALUES ($1)")
-            .bind(&source)
-            .execute(&pool)
-            .await
-            .unwrap();
-        while !visible(&pool, &source).await {
-            assert!(
-                started.elapsed() < Duration::from_secs(5),
-                "change {source} never became visible"
-            );
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-        samples.push(started.elapsed());
+        samples.push(commit_to_visible(&pool, &format!("after-sleep-{i}")).await);
     }
     running.stop().await;
     samples.sort();
@@ -66,12 +35,28 @@ async fn a_commit_is_visible_in_the_aggregates_well_under_a_second() {
     db.finish(pool).await;
 }
 
-async fn visible(pool: &sqlx::PgPool, source: &str) -> bool {
-    let seen: Option<i64> =
-        sqlx::query_scalar("SELECT total FROM analytics.lead_funnel_metrics WHERE source = $1")
-            .bind(source)
-            .fetch_optional(pool)
-            .await
-            .unwrap();
-    seen == Some(1)
+/// Inserts a lead of a new source and waits until the funnel counts it.
+async fn commit_to_visible(pool: &sqlx::PgPool, source: &str) -> Duration {
+    sqlx::query("INSERT INTO leads (source) VALUES ($1)")
+        .bind(source)
+        .execute(pool)
+        .await
+        .unwrap();
+    let committed = Instant::now();
+    loop {
+        let seen: Option<i64> =
+            sqlx::query_scalar("SELECT total FROM analytics.lead_funnel_metrics WHERE source = $1")
+                .bind(source)
+                .fetch_optional(pool)
+                .await
+                .unwrap();
+        if seen == Some(1) {
+            return committed.elapsed();
+        }
+        assert!(
+            committed.elapsed() < Duration::from_secs(5),
+            "change {source} never became visible"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
 }

@@ -95,17 +95,9 @@ pub(super) fn spawn(
         .spawn()?)
 }
 
-/// Peak resident memory of a process, from /proc (Linux).
+/// Peak resident memory of a process.
 fn peak_rss_mb(child: &Child) -> Option<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id()?)).ok()?;
-    let kb: f64 = status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()?;
-    Some(kb / 1024.0)
+    super::proc_status_mb(child.id()?, "VmHWM")
 }
 
 /// Drains `db` with the given processes; returns the seconds it took and their peak RSS.

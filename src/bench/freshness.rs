@@ -1,13 +1,10 @@
 //! Freshness under load: steady CRM writes at a fixed event rate while probes measure the
 //! time from a commit to its change being visible through the REST API.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 use super::{percentile, BenchDb, Report, Scale};
-use crate::config::{DatabaseArgs, PipelineArgs};
-use crate::pipeline::Pipeline;
 
 const SECTION: &str = "3. Freshness under load (commit to visible through the API)";
 const EVENTS_PER_SECOND: u64 = 2_000;
@@ -23,19 +20,9 @@ pub async fn run(server: &str, scale: Scale, report: &mut Report) -> anyhow::Res
         .execute(&writers)
         .await?;
 
-    let dbargs = DatabaseArgs {
-        database_url: Some(db.url.clone()),
-        analytics_database_url: None,
-        crm_schema: "public".into(),
-    };
-    let mut args = PipelineArgs::from_env();
-    args.archive = std::env::temp_dir()
-        .join(&db.name)
-        .to_string_lossy()
-        .into_owned();
-    let pipeline = Arc::new(Pipeline::connect(&dbargs, &args).await?);
-    let stop = CancellationToken::new();
-    let running = pipeline.spawn_all(stop.clone());
+    let running = super::InProcess::start(&db).await?;
+    let pipeline = running.pipeline.clone();
+    let stop = running.stop.clone();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let base = format!("http://{}", listener.local_addr()?);
     let server_task = tokio::spawn(crate::api::serve_on(
@@ -110,8 +97,7 @@ pub async fn run(server: &str, scale: Scale, report: &mut Report) -> anyhow::Res
     load_stop.cancel();
     let events = load.await?;
     let rate = events as f64 / started.elapsed().as_secs_f64();
-    stop.cancel();
-    running.await??;
+    running.stop().await?;
     server_task.await??;
     samples.sort();
     let (p50, p99) = (percentile(&samples, 0.5), percentile(&samples, 0.99));
@@ -137,9 +123,6 @@ pub async fn run(server: &str, scale: Scale, report: &mut Report) -> anyhow::Res
         Some(("under 250 ms".into(), p99 < Duration::from_millis(250))),
     );
     writers.close().await;
-    pipeline.crm.close().await;
-    pipeline.analytics.close().await;
-    let _ = std::fs::remove_dir_all(std::env::temp_dir().join(&db.name));
     db.drop_db().await?;
     Ok(())
 }

@@ -10,8 +10,6 @@ use tokio_util::sync::CancellationToken;
 use super::plot::{line_chart, Axes, Plot, Series};
 use super::{percentile, BenchDb, Report, Scale};
 use crate::aggregates::recompute;
-use crate::config::{DatabaseArgs, PipelineArgs};
-use crate::pipeline::Pipeline;
 use crate::workload::{WorkloadConfig, WorkloadStats};
 
 const SECTION: &str = "4. Against materialized views (REFRESH MATERIALIZED VIEW CONCURRENTLY)";
@@ -139,18 +137,8 @@ async fn one_size(server: &str, rows: i64, changes: u64) -> anyhow::Result<AtSiz
         .await?;
 
     // Incremental: the pipeline drains those events; then probes measure freshness.
-    let dbargs = DatabaseArgs {
-        database_url: Some(db.url.clone()),
-        analytics_database_url: None,
-        crm_schema: "public".into(),
-    };
-    let mut args = PipelineArgs::from_env();
-    let archive = std::env::temp_dir().join(&db.name);
-    args.archive = archive.to_string_lossy().into_owned();
-    let pipeline = Arc::new(Pipeline::connect(&dbargs, &args).await?);
-    let stop = CancellationToken::new();
     let started = Instant::now();
-    let running = pipeline.spawn_all(stop.clone());
+    let running = super::InProcess::start(&db).await?;
     while !super::drain::drained(&pool).await? {
         anyhow::ensure!(
             started.elapsed() < Duration::from_secs(600),
@@ -160,11 +148,7 @@ async fn one_size(server: &str, rows: i64, changes: u64) -> anyhow::Result<AtSiz
     }
     let incremental = started.elapsed();
     let freshness_p50 = probe_freshness(&pool).await?;
-    stop.cancel();
-    running.await??;
-    pipeline.crm.close().await;
-    pipeline.analytics.close().await;
-    let _ = std::fs::remove_dir_all(&archive);
+    running.stop().await?;
 
     // The alternative: one refresh of every view picks up the same changes.
     let started = Instant::now();

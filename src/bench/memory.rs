@@ -13,19 +13,6 @@ const EVENTS_PER_SECOND: u64 = 2_000;
 /// Each tick writes 10 events: 5 new leads, 3 activities, 2 lead status changes.
 const EVENTS_PER_TICK: u64 = 10;
 
-/// Resident memory of a process now, from /proc (Linux).
-fn rss_mb(pid: u32) -> Option<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kb: f64 = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()?;
-    Some(kb / 1024.0)
-}
-
 fn median(values: &mut [f64]) -> f64 {
     values.sort_by(f64::total_cmp);
     values.get(values.len() / 2).copied().unwrap_or(0.0)
@@ -57,7 +44,7 @@ pub async fn run(server: &str, scale: Scale, report: &mut Report) -> anyhow::Res
             child.try_wait()?.is_none(),
             "crm-analytics run exited during the steady run"
         );
-        if let Some(mb) = rss_mb(pid) {
+        if let Some(mb) = super::proc_status_mb(pid, "VmRSS") {
             samples.push((started.elapsed().as_secs_f64(), mb));
         }
     }

@@ -125,6 +125,62 @@ impl BenchDb {
     }
 }
 
+/// The pipeline of `crm-analytics run` (relay, workers, maintenance), in this process, on
+/// a bench database; its archive goes to a temporary folder removed by [`InProcess::stop`].
+pub struct InProcess {
+    pub pipeline: std::sync::Arc<crate::pipeline::Pipeline>,
+    /// Cancelled by `stop`; servers started beside the pipeline may share it.
+    pub stop: tokio_util::sync::CancellationToken,
+    running: tokio::task::JoinHandle<anyhow::Result<()>>,
+    archive: PathBuf,
+}
+
+impl InProcess {
+    pub async fn start(db: &BenchDb) -> anyhow::Result<Self> {
+        let dbargs = crate::config::DatabaseArgs {
+            database_url: Some(db.url.clone()),
+            analytics_database_url: None,
+            crm_schema: "public".into(),
+        };
+        let mut args = crate::config::PipelineArgs::from_env();
+        let archive = std::env::temp_dir().join(&db.name);
+        args.archive = archive.to_string_lossy().into_owned();
+        let pipeline =
+            std::sync::Arc::new(crate::pipeline::Pipeline::connect(&dbargs, &args).await?);
+        let stop = tokio_util::sync::CancellationToken::new();
+        let running = pipeline.spawn_all(stop.clone());
+        Ok(Self {
+            pipeline,
+            stop,
+            running,
+            archive,
+        })
+    }
+
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.stop.cancel();
+        self.running.await??;
+        self.pipeline.crm.close().await;
+        self.pipeline.analytics.close().await;
+        let _ = std::fs::remove_dir_all(&self.archive);
+        Ok(())
+    }
+}
+
+/// A size from /proc/<pid>/status (Linux), e.g. VmRSS (now) or VmHWM (peak), in MB.
+fn proc_status_mb(pid: u32, field: &str) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))?
+        .trim_start_matches(':')
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    Some(kb / 1024.0)
+}
+
 /// The `q` quantile of sorted durations (nearest rank).
 fn percentile(sorted: &[std::time::Duration], q: f64) -> std::time::Duration {
     if sorted.is_empty() {

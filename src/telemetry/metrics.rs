@@ -11,6 +11,8 @@ static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 const LATENCY_BUCKETS: &[f64] = &[
     0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
+/// How often histogram samples are folded into their buckets.
+const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 const SIZE_BUCKETS: &[f64] = &[1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0];
 
 /// Installs the process-wide recorder once and returns the handle that renders it.
@@ -31,6 +33,19 @@ pub fn prometheus() -> &'static PrometheusHandle {
         let handle = recorder.handle();
         // Fails only if another recorder was installed first; ours then stays silent.
         let _ = metrics::set_global_recorder(recorder);
+        // Histogram samples pile up in the recorder until upkeep folds them into buckets;
+        // without it memory grew by about 2 MB a minute at 1,700 events/s when nobody
+        // scraped /metrics.
+        let upkeep = handle.clone();
+        let started = std::thread::Builder::new()
+            .name("metrics-upkeep".into())
+            .spawn(move || loop {
+                std::thread::sleep(UPKEEP_INTERVAL);
+                upkeep.run_upkeep();
+            });
+        if let Err(error) = started {
+            tracing::warn!(%error, "cannot start the metrics upkeep thread");
+        }
         handle
     })
 }
