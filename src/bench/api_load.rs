@@ -16,16 +16,17 @@ const CONNECTIONS: usize = 64;
 const TOKEN: &str = "bench";
 
 /// Requests per second and p99 latency of GETs of `url` for `seconds`.
-async fn load(url: &str, seconds: u64) -> anyhow::Result<(f64, Duration)> {
-    if let Some(measured) = load_with_wrk(url, seconds).await? {
-        return Ok(measured);
+async fn load(url: &str, seconds: u64, with_wrk: bool) -> anyhow::Result<(f64, Duration)> {
+    if with_wrk {
+        load_with_wrk(url, seconds).await
+    } else {
+        load_in_process(url, seconds).await
     }
-    load_in_process(url, seconds).await
 }
 
-/// wrk's own measurement, or None where wrk is not installed.
-async fn load_with_wrk(url: &str, seconds: u64) -> anyhow::Result<Option<(f64, Duration)>> {
-    let output = match tokio::process::Command::new("wrk")
+/// wrk's own measurement.
+async fn load_with_wrk(url: &str, seconds: u64) -> anyhow::Result<(f64, Duration)> {
+    let output = tokio::process::Command::new("wrk")
         .args([
             "-t2",
             &format!("-c{CONNECTIONS}"),
@@ -34,12 +35,7 @@ async fn load_with_wrk(url: &str, seconds: u64) -> anyhow::Result<Option<(f64, D
         ])
         .args(["-H", &format!("Authorization: Bearer {TOKEN}"), url])
         .output()
-        .await
-    {
-        Ok(output) => output,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e.into()),
-    };
+        .await?;
     let text = String::from_utf8_lossy(&output.stdout);
     anyhow::ensure!(
         output.status.success() && !text.contains("Non-2xx"),
@@ -55,7 +51,7 @@ async fn load_with_wrk(url: &str, seconds: u64) -> anyhow::Result<Option<(f64, D
         .find_map(|l| l.trim().strip_prefix("99%"))
         .and_then(|v| parse_wrk_duration(v.trim()));
     match (rate, p99) {
-        (Some(rate), Some(p99)) => Ok(Some((rate, p99))),
+        (Some(rate), Some(p99)) => Ok((rate, p99)),
         _ => anyhow::bail!("cannot read wrk's output: {text}"),
     }
 }
@@ -133,7 +129,9 @@ pub async fn run(server: &str, scale: Scale, report: &mut Report) -> anyhow::Res
     let to = chrono::Utc::now().date_naive();
     let from = to - chrono::Duration::days(89);
     let seconds = scale.oltp_seconds.clamp(3, 15);
-    let generator = if which_wrk().await {
+    // Decided once, so that the label says what produced every row below.
+    let with_wrk = wrk_installed().await;
+    let generator = if with_wrk {
         "wrk, 2 threads"
     } else {
         "in-process client"
@@ -160,7 +158,7 @@ pub async fn run(server: &str, scale: Scale, report: &mut Report) -> anyhow::Res
             ("daily-metrics, one account, 90 days", format!("/api/daily-metrics/?account_id=00000000-0000-0000-0000-000000000007&from={from}&to={to}")),
             ("funnel-metrics, first page", "/api/funnel-metrics/".to_string()),
         ] {
-            let (rate, p99) = load(&format!("{base}{path}"), seconds).await?;
+            let (rate, p99) = load(&format!("{base}{path}"), seconds, with_wrk).await?;
             let ms = p99.as_secs_f64() * 1000.0;
             let (rate_target, p99_target) = if cache_ttl.is_zero() {
                 (None, None) // context: what the cache saves
@@ -178,7 +176,7 @@ pub async fn run(server: &str, scale: Scale, report: &mut Report) -> anyhow::Res
     Ok(())
 }
 
-async fn which_wrk() -> bool {
+async fn wrk_installed() -> bool {
     tokio::process::Command::new("wrk")
         .arg("--version")
         .output()
