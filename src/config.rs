@@ -29,9 +29,30 @@ pub struct DatabaseArgs {
     #[arg(long, env = "CRM_ANALYTICS_CRM_SCHEMA", default_value = "public", global = true,
           value_parser = parse_identifier)]
     pub crm_schema: String,
+
+    /// The URLs came from --database-url / --analytics-database-url rather than the
+    /// environment: error messages name the setting the user actually wrote.
+    #[arg(skip)]
+    pub urls_from_flags: UrlSources,
+}
+
+/// Which database URLs were given as flags (see [`DatabaseArgs::urls_from_flags`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct UrlSources {
+    pub crm: bool,
+    pub analytics: bool,
 }
 
 impl DatabaseArgs {
+    /// The setting the CRM URL came from, for error messages.
+    pub fn crm_setting(&self) -> &'static str {
+        if self.urls_from_flags.crm {
+            "--database-url"
+        } else {
+            "DATABASE_URL"
+        }
+    }
+
     /// The CRM database URL, or an error that names the setting and the fix.
     pub fn crm_url(&self) -> anyhow::Result<&str> {
         self.database_url.as_deref().ok_or_else(|| {
@@ -44,10 +65,13 @@ impl DatabaseArgs {
 
     /// The variable the analytics URL comes from, for error messages.
     pub fn analytics_setting(&self) -> &'static str {
-        if self.analytics_database_url.is_some() {
-            "ANALYTICS_DATABASE_URL"
-        } else {
-            "DATABASE_URL"
+        match (
+            self.analytics_database_url.is_some(),
+            self.urls_from_flags.analytics,
+        ) {
+            (true, true) => "--analytics-database-url",
+            (true, false) => "ANALYTICS_DATABASE_URL",
+            (false, _) => self.crm_setting(),
         }
     }
 
@@ -62,8 +86,10 @@ impl DatabaseArgs {
 /// The HTTP server: REST API, dashboard, /metrics.
 #[derive(Debug, Clone, Args)]
 pub struct ServerArgs {
-    /// Address the API server listens on.
-    #[arg(long, env = "CRM_ANALYTICS_LISTEN", default_value = "127.0.0.1:8080")]
+    /// Address the API server listens on: host:port, where host is an IP address or a name
+    /// (localhost:8080, 0.0.0.0:8080, [::1]:8080).
+    #[arg(long, env = "CRM_ANALYTICS_LISTEN", default_value = "127.0.0.1:8080",
+          value_parser = parse_listen)]
     pub listen: std::net::SocketAddr,
 
     /// Bearer tokens accepted by /api/ routes, comma-separated.
@@ -162,6 +188,28 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         .map_err(|e| format!("{e}; write a duration such as 500ms, 30s, 5m or 7d"))
 }
 
+/// A listen address: `host:port`, the host an IP address or a name that resolves (the
+/// first address it resolves to is used).
+pub fn parse_listen(text: &str) -> Result<std::net::SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    let example = "write host:port, e.g. 127.0.0.1:8080, localhost:8080 or [::1]:8080";
+    if let Ok(addr) = text.parse() {
+        return Ok(addr);
+    }
+    let Some((host, port)) = text.rsplit_once(':') else {
+        return Err(format!("{text:?} has no port; {example}"));
+    };
+    if host.is_empty() || port.parse::<u16>().is_err() {
+        return Err(format!("{text:?} is not host:port; {example}"));
+    }
+    match text.to_socket_addrs() {
+        Ok(mut addrs) => addrs
+            .next()
+            .ok_or_else(|| format!("{host:?} resolves to no address; {example}")),
+        Err(e) => Err(format!("cannot resolve {host:?} ({e}); {example}")),
+    }
+}
+
 /// A plain SQL identifier, so that it can be spliced into DDL safely.
 pub fn parse_identifier(text: &str) -> Result<String, String> {
     let mut chars = text.chars();
@@ -174,5 +222,28 @@ pub fn parse_identifier(text: &str) -> Result<String, String> {
         Err(format!(
             "{text:?} is not a plain lowercase schema name (letters, digits, underscore)"
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listen_accepts_addresses_and_host_names() {
+        assert_eq!(
+            parse_listen("127.0.0.1:8181"),
+            Ok("127.0.0.1:8181".parse().expect("addr"))
+        );
+        let local = parse_listen("localhost:8181").expect("localhost resolves");
+        assert!(local.ip().is_loopback() && local.port() == 8181, "{local}");
+        assert_eq!(
+            parse_listen("[::1]:80"),
+            Ok("[::1]:80".parse().expect("addr"))
+        );
+        for bad in ["localhost", "localhost:http", ":8080", "localhost:99999"] {
+            let error = parse_listen(bad).expect_err(bad);
+            assert!(error.contains("e.g. 127.0.0.1:8080"), "{error}");
+        }
     }
 }

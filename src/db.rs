@@ -5,32 +5,82 @@ use sqlx::{Connection, PgConnection, PgPool};
 use std::str::FromStr;
 use std::time::Duration;
 
-/// Connects a pool to `url`; `setting` names the variable the URL came from.
+/// Connects a pool to `url`; `setting` names where the URL came from (a variable or a flag).
 pub async fn connect(url: &str, setting: &str, max_connections: u32) -> anyhow::Result<PgPool> {
-    let options = PgConnectOptions::from_str(url).map_err(|e| {
-        anyhow::anyhow!("{setting} is not a valid PostgreSQL URL ({e}); expected postgres://user:password@host:5432/database")
-    })?;
+    let options = parse_url(url, setting)?;
     let options = plain_on_loopback(url, options);
-    let unreachable = |e: sqlx::Error| {
-        anyhow::anyhow!(
-            "cannot connect to PostgreSQL at {} ({setting}): {e}. Start PostgreSQL or fix {setting}",
-            redact(url)
-        )
-    };
+    let failed = |e: sqlx::Error| connect_error(url, setting, &options, e);
     // One direct attempt first, so that a wrong address fails at once instead of after the
     // pool's acquire timeout.
     PgConnection::connect_with(&options)
         .await
-        .map_err(unreachable)?
+        .map_err(failed)?
         .close()
         .await
-        .map_err(unreachable)?;
+        .map_err(failed)?;
     PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(Duration::from_secs(10))
-        .connect_with(options)
+        .connect_with(options.clone())
         .await
-        .map_err(unreachable)
+        .map_err(failed)
+}
+
+const EXPECTED_FORM: &str = "postgres://user:password@host:5432/database";
+
+/// Parses a PostgreSQL URL, refusing what the driver would misread: without a scheme,
+/// `localhost:5432/crm` would name the database `5432/crm`.
+pub fn parse_url(url: &str, setting: &str) -> anyhow::Result<PgConnectOptions> {
+    let scheme_ok = url::Url::parse(url)
+        .map(|u| matches!(u.scheme(), "postgres" | "postgresql"))
+        .unwrap_or(false);
+    if !scheme_ok {
+        anyhow::bail!(
+            "{setting} is not a PostgreSQL URL: {:?} must start with postgres:// or \
+             postgresql://; expected {EXPECTED_FORM}",
+            redact(url)
+        );
+    }
+    PgConnectOptions::from_str(url).map_err(|e| {
+        anyhow::anyhow!("{setting} is not a valid PostgreSQL URL ({e}); expected {EXPECTED_FORM}")
+    })
+}
+
+/// What went wrong when connecting, and what to do about it.
+fn connect_error(
+    url: &str,
+    setting: &str,
+    options: &PgConnectOptions,
+    error: sqlx::Error,
+) -> anyhow::Error {
+    let at = redact(url);
+    let code = error
+        .as_database_error()
+        .and_then(|e| e.code())
+        .map(|c| c.into_owned());
+    match code.as_deref() {
+        // invalid_catalog_name: the server answered, the database is not there.
+        Some("3D000") => {
+            let name = options.get_database().unwrap_or("?");
+            anyhow::anyhow!(
+                "the database {name:?} does not exist on the PostgreSQL server at {at} \
+                 ({setting}). Create it (`createdb -h {host} -p {port} -U {user} {name}`, or \
+                 `CREATE DATABASE {name};` in psql) or fix {setting}",
+                host = options.get_host(),
+                port = options.get_port(),
+                user = options.get_username(),
+            )
+        }
+        // invalid_authorization_specification, invalid_password.
+        Some("28000") | Some("28P01") => anyhow::anyhow!(
+            "PostgreSQL at {at} refused the login ({setting}): {error}. Fix the user or \
+             password in {setting}"
+        ),
+        _ => anyhow::anyhow!(
+            "cannot connect to PostgreSQL at {at} ({setting}): {error}. Start PostgreSQL or \
+             fix {setting}"
+        ),
+    }
 }
 
 /// Connections to this same host skip TLS unless the URL (sslmode=...) or PGSSLMODE asks
@@ -58,16 +108,21 @@ fn plain_on_loopback(url: &str, options: PgConnectOptions) -> PgConnectOptions {
     options.ssl_mode(PgSslMode::Disable)
 }
 
-/// The URL without its password, for messages and logs.
+/// The URL without its password, for messages and logs. Anything that is not a
+/// well-formed URL with a host loses everything before its last `@` (the credentials, if
+/// any) instead.
 pub fn redact(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut parsed) => {
+    if let Ok(mut parsed) = url::Url::parse(url) {
+        if parsed.has_host() {
             if parsed.password().is_some() {
                 let _ = parsed.set_password(Some("***"));
             }
-            parsed.to_string()
+            return parsed.to_string();
         }
-        Err(_) => "<unparseable URL>".to_string(),
+    }
+    match url.rsplit_once('@') {
+        Some((_, rest)) => format!("***@{rest}"),
+        None => url.to_string(),
     }
 }
 
@@ -78,6 +133,30 @@ mod tests {
     fn mode(url: &str) -> PgSslMode {
         let options = PgConnectOptions::from_str(url).expect("url");
         plain_on_loopback(url, options).get_ssl_mode()
+    }
+
+    #[test]
+    fn urls_without_a_scheme_are_refused_with_the_expected_form() {
+        let error = parse_url("localhost:5432/postgres", "--database-url")
+            .expect_err("no scheme")
+            .to_string();
+        assert!(error.contains("--database-url"), "{error}");
+        assert!(error.contains(EXPECTED_FORM), "{error}");
+        let error = parse_url("mysql://u@h/db", "DATABASE_URL")
+            .expect_err("wrong scheme")
+            .to_string();
+        assert!(error.contains("postgres://"), "{error}");
+        assert!(parse_url("postgres://u@h:5432/db", "DATABASE_URL").is_ok());
+        assert!(parse_url("postgresql://u@h/db", "DATABASE_URL").is_ok());
+    }
+
+    #[test]
+    fn redaction_hides_passwords() {
+        assert_eq!(
+            redact("postgres://u:secret@h:5432/db"),
+            "postgres://u:***@h:5432/db"
+        );
+        assert!(!redact("u:secret@h/db").contains("secret"));
     }
 
     #[test]

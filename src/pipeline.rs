@@ -70,7 +70,7 @@ impl Pipeline {
         let workers = args.workers();
         let crm = crate::db::connect(
             db.crm_url()?,
-            "DATABASE_URL",
+            db.crm_setting(),
             crm_pool_size(args.relays as usize),
         )
         .await?;

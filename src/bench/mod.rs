@@ -140,6 +140,7 @@ impl InProcess {
         let dbargs = crate::config::DatabaseArgs {
             database_url: Some(db.url.clone()),
             analytics_database_url: None,
+            urls_from_flags: Default::default(),
             crm_schema: "public".into(),
         };
         let mut args = crate::config::PipelineArgs::from_env();

@@ -127,12 +127,14 @@ pub async fn run(db: &DatabaseArgs, args: DemoArgs) -> anyhow::Result<()> {
         args.writers, args.duration
     );
     let started = Instant::now();
+    // Events applied before this run (a demo database is reused) are not this run's.
+    let mut progress = Progress::start(applied_events(&pipeline).await, started);
     while started.elapsed() < args.duration && !shutdown.is_cancelled() {
         tokio::select! {
             _ = shutdown.cancelled() => {}
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
-        print_line(&pipeline, &stats, started).await;
+        print_line(&pipeline, &stats, &mut progress).await;
     }
     writers_stop.cancel();
     workload.await??;
@@ -149,6 +151,14 @@ pub async fn run(db: &DatabaseArgs, args: DemoArgs) -> anyhow::Result<()> {
     }
     pipeline_stop.cancel();
     running.await??;
+    let seconds = started.elapsed().as_secs_f64().max(1e-3);
+    let applied = (applied_events(&pipeline).await - progress.applied_before).max(0);
+    println!(
+        "this run: {} transactions committed ({:.0}/s while writing), {applied} events applied ({:.0}/s including the drain)",
+        stats.committed(),
+        stats.committed() as f64 / args.duration.as_secs_f64().min(seconds).max(1e-3),
+        applied as f64 / seconds,
+    );
 
     let differences = super::verify(&pipeline.crm, &pipeline.analytics, &db.crm_schema).await?;
     if differences.is_empty() {
@@ -163,7 +173,10 @@ pub async fn run(db: &DatabaseArgs, args: DemoArgs) -> anyhow::Result<()> {
         }
     }
     print_summary(&pipeline).await?;
-    println!("\nNext: `DATABASE_URL={crm_url} crm-analytics status`, or query schema analytics directly.");
+    println!(
+        "\nNext: `DATABASE_URL={} crm-analytics status`, or query schema analytics directly.",
+        crate::db::redact(&crm_url)
+    );
     if std::io::stdin().is_terminal() && !shutdown.is_cancelled() {
         println!(
             "The dashboard stays up at http://{}/#token={token}; Ctrl-C quits.",
@@ -176,13 +189,48 @@ pub async fn run(db: &DatabaseArgs, args: DemoArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn print_line(pipeline: &Pipeline, stats: &WorkloadStats, started: Instant) {
-    let processed: i64 = sqlx::query_scalar(
+/// Totals of this run and the rates over the last interval, for the demo's progress line.
+struct Progress {
+    applied_before: i64,
+    started: Instant,
+    last: (Instant, u64, i64),
+}
+
+impl Progress {
+    fn start(applied_before: i64, started: Instant) -> Self {
+        Self {
+            applied_before,
+            started,
+            last: (started, 0, 0),
+        }
+    }
+
+    /// Rates per second since the previous call, as (transactions, events).
+    fn rates(&mut self, transactions: u64, events: i64) -> (f64, f64) {
+        let now = Instant::now();
+        let (then, t0, e0) = self.last;
+        let seconds = now.duration_since(then).as_secs_f64().max(1e-3);
+        self.last = (now, transactions, events);
+        (
+            transactions.saturating_sub(t0) as f64 / seconds,
+            (events - e0).max(0) as f64 / seconds,
+        )
+    }
+}
+
+async fn applied_events(pipeline: &Pipeline) -> i64 {
+    sqlx::query_scalar(
         "SELECT coalesce(sum(processed), 0)::int8 FROM analytics.event_counts WHERE operation <> 'snapshot'",
     )
     .fetch_one(&pipeline.analytics)
     .await
-    .unwrap_or(0);
+    .unwrap_or(0)
+}
+
+async fn print_line(pipeline: &Pipeline, stats: &WorkloadStats, progress: &mut Progress) {
+    let applied = (applied_events(pipeline).await - progress.applied_before).max(0);
+    let committed = stats.committed();
+    let (tx_rate, event_rate) = progress.rates(committed, applied);
     match crate::status::read(&pipeline.crm, &pipeline.analytics, &*pipeline.queue).await {
         Ok(status) => {
             let latency = status
@@ -190,10 +238,12 @@ async fn print_line(pipeline: &Pipeline, stats: &WorkloadStats, started: Instant
                 .map(|l| format!("p50 {:>6} ms  p99 {:>6} ms", l.p50, l.p99))
                 .unwrap_or_else(|| "no events yet".into());
             println!(
-                "{:>4}s  transactions {:>7}  events applied {:>8}  outbox {:>5}  queue {:>5}  failed {}  latency {latency}",
-                started.elapsed().as_secs(),
-                stats.committed(),
-                processed,
+                "{:>4}s  transactions {:>7} ({:>5.0}/s)  events applied {:>8} ({:>6.0}/s)  outbox {:>5}  queue {:>5}  failed {}  latency {latency}",
+                progress.started.elapsed().as_secs(),
+                committed,
+                tx_rate,
+                applied,
+                event_rate,
                 status.outbox_lag,
                 status.queue_depth,
                 status.failed_events,

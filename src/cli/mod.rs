@@ -5,7 +5,8 @@
 
 mod demo;
 
-use clap::{Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
 use std::process::ExitCode;
 use uuid::Uuid;
 
@@ -105,10 +106,45 @@ pub enum FailedAction {
     },
 }
 
+/// The command line as clap sees it. Environment variables' values stay out of `--help`:
+/// clap would print an unset one as `[env: NAME=]`, as if it were set to empty, and a set
+/// one may be a secret.
+pub fn command() -> clap::Command {
+    fn hide_env_values(command: clap::Command) -> clap::Command {
+        command
+            .mut_args(|arg| arg.hide_env_values(true))
+            .mut_subcommands(hide_env_values)
+    }
+    hide_env_values(Cli::command())
+}
+
+/// Parses the process's arguments (exits with clap's message on bad ones).
+pub fn parse() -> Cli {
+    let matches = command().get_matches();
+    let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    cli.db.urls_from_flags.crm = given_as_flag(&matches, "database_url");
+    cli.db.urls_from_flags.analytics = given_as_flag(&matches, "analytics_database_url");
+    cli
+}
+
+/// Whether a global argument was written on the command line (at any subcommand level).
+fn given_as_flag(matches: &ArgMatches, id: &str) -> bool {
+    let mut level = Some(matches);
+    while let Some(m) = level {
+        if matches!(m.try_contains_id(id), Ok(true))
+            && m.value_source(id) == Some(ValueSource::CommandLine)
+        {
+            return true;
+        }
+        level = m.subcommand().map(|(_, sub)| sub);
+    }
+    false
+}
+
 /// Entry point of the binary.
 pub async fn main() -> ExitCode {
     crate::telemetry::init_logging();
-    let cli = Cli::parse();
+    let cli = parse();
     match dispatch(cli).await {
         Ok(code) => code,
         Err(error) => {
@@ -122,15 +158,16 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     let db = &cli.db;
     match cli.command {
         Command::Migrate { create_crm_schema } => {
-            let crm = crate::db::connect(db.crm_url()?, "DATABASE_URL", 2).await?;
+            let crm = crate::db::connect(db.crm_url()?, db.crm_setting(), 2).await?;
             let analytics =
                 crate::db::connect(db.analytics_url()?, db.analytics_setting(), 4).await?;
             migrate_all(&crm, &analytics, &db.crm_schema, create_crm_schema).await?;
         }
         Command::Backfill | Command::Rebuild => {
-            let crm = crate::db::connect(db.crm_url()?, "DATABASE_URL", 2).await?;
+            let crm = crate::db::connect(db.crm_url()?, db.crm_setting(), 2).await?;
             let analytics =
                 crate::db::connect(db.analytics_url()?, db.analytics_setting(), 4).await?;
+            require_installed(db, Some(&crm), Some(&analytics)).await?;
             let report = crate::backfill::run(&crm, &analytics, &db.crm_schema, true).await?;
             println!(
                 "aggregates recomputed from {} CRM rows (snapshot {})",
@@ -138,9 +175,10 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             );
         }
         Command::Verify => {
-            let crm = crate::db::connect(db.crm_url()?, "DATABASE_URL", 2).await?;
+            let crm = crate::db::connect(db.crm_url()?, db.crm_setting(), 2).await?;
             let analytics =
                 crate::db::connect(db.analytics_url()?, db.analytics_setting(), 4).await?;
+            require_installed(db, Some(&crm), Some(&analytics)).await?;
             let differences = verify(&crm, &analytics, &db.crm_schema).await?;
             if differences.is_empty() {
                 println!("aggregates match a full recomputation");
@@ -183,9 +221,10 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             crate::api::serve(server.listen, state, options, shutdown).await?
         }
         Command::Status { json } => {
-            let crm = crate::db::connect(db.crm_url()?, "DATABASE_URL", 2).await?;
+            let crm = crate::db::connect(db.crm_url()?, db.crm_setting(), 2).await?;
             let analytics =
                 crate::db::connect(db.analytics_url()?, db.analytics_setting(), 4).await?;
+            require_installed(db, Some(&crm), Some(&analytics)).await?;
             let queue = PostgresQueue::connect(analytics.clone(), u64::MAX).await?;
             let status = crate::status::read(&crm, &analytics, &queue).await?;
             if json {
@@ -206,6 +245,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Failed { action } => {
             let analytics =
                 crate::db::connect(db.analytics_url()?, db.analytics_setting(), 4).await?;
+            require_installed(db, None, Some(&analytics)).await?;
             match action {
                 FailedAction::List { limit, json } => {
                     let events = failed::list(&analytics, limit).await?;
@@ -316,10 +356,31 @@ fn diff<K: Ord + std::fmt::Debug, V: PartialEq + std::fmt::Debug>(
     }
 }
 
+/// Stops a command that needs our schemas with "run `crm-analytics migrate`" when they are
+/// missing or older than this release, before it touches a table that is not there.
+async fn require_installed(
+    db: &DatabaseArgs,
+    crm: Option<&sqlx::PgPool>,
+    analytics: Option<&sqlx::PgPool>,
+) -> anyhow::Result<()> {
+    use crate::migrate::require;
+    if let Some(crm) = crm {
+        let capture = crate::capture::MIGRATIONS;
+        require(crm, "capture", capture, "capture", db.crm_setting()).await?;
+    }
+    if let Some(analytics) = analytics {
+        let schema = crate::aggregates::MIGRATIONS;
+        let (what, setting) = ("the analytics schema", db.analytics_setting());
+        require(analytics, "analytics", schema, what, setting).await?;
+    }
+    Ok(())
+}
+
 /// The API's connections for a process that runs no pipeline.
 async fn api_state(db: &DatabaseArgs) -> anyhow::Result<AppState> {
-    let crm = crate::db::connect(db.crm_url()?, "DATABASE_URL", 4).await?;
+    let crm = crate::db::connect(db.crm_url()?, db.crm_setting(), 4).await?;
     let analytics = crate::db::connect(db.analytics_url()?, db.analytics_setting(), 8).await?;
+    require_installed(db, Some(&crm), Some(&analytics)).await?;
     let queue = PostgresQueue::connect(analytics.clone(), u64::MAX).await?;
     Ok(AppState {
         crm,
@@ -337,6 +398,7 @@ async fn run_pipeline(
     // Signals first: a SIGTERM during start-up must stop the process gracefully too.
     let shutdown = shutdown_on_signals();
     let pipeline = Pipeline::connect(db, args).await?;
+    require_installed(db, Some(&pipeline.crm), Some(&pipeline.analytics)).await?;
     tracing::info!(
         workers = pipeline.worker.workers,
         batch_size = args.batch_size,

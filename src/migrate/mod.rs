@@ -23,6 +23,26 @@ pub enum MigrateError {
         #[source]
         source: sqlx::Error,
     },
+    #[error(
+        "{what} is not installed in this database ({setting}): run `crm-analytics migrate` first"
+    )]
+    NotInstalled {
+        what: &'static str,
+        setting: &'static str,
+    },
+    #[error("{what} in this database ({setting}) is at schema version {have}, this release needs {want}: run `crm-analytics migrate` to upgrade it")]
+    Outdated {
+        what: &'static str,
+        setting: &'static str,
+        have: i32,
+        want: i32,
+    },
+    #[error("could not read the migrations of {component}: {source}")]
+    Read {
+        component: &'static str,
+        #[source]
+        source: sqlx::Error,
+    },
     #[error("could not record migrations of {component}: {source}")]
     Bookkeeping {
         component: &'static str,
@@ -94,4 +114,46 @@ pub async fn apply(
     }
     tx.commit().await.map_err(book)?;
     Ok(applied)
+}
+
+/// Fails with a message that says to run `migrate` unless every migration of `component`
+/// is applied in the database behind `pool`. Commands other than `migrate` call it first,
+/// so that they stop with that sentence instead of retrying a missing table forever.
+/// `what` names the component for people ("capture", "the analytics schema"); `setting`
+/// names where the database's URL came from.
+pub async fn require(
+    pool: &PgPool,
+    component: &'static str,
+    migrations: &[Migration],
+    what: &'static str,
+    setting: &'static str,
+) -> Result<(), MigrateError> {
+    let read = |source| MigrateError::Read { component, source };
+    let bookkept: bool =
+        sqlx::query_scalar("SELECT to_regclass('crm_analytics.schema_migrations') IS NOT NULL")
+            .fetch_one(pool)
+            .await
+            .map_err(read)?;
+    let have: Option<i32> = if bookkept {
+        sqlx::query_scalar(
+            "SELECT max(version) FROM crm_analytics.schema_migrations WHERE component = $1",
+        )
+        .bind(component)
+        .fetch_one(pool)
+        .await
+        .map_err(read)?
+    } else {
+        None
+    };
+    let want = migrations.iter().map(|m| m.version).max().unwrap_or(0);
+    match have {
+        None => Err(MigrateError::NotInstalled { what, setting }),
+        Some(have) if have < want => Err(MigrateError::Outdated {
+            what,
+            setting,
+            have,
+            want,
+        }),
+        Some(_) => Ok(()),
+    }
 }

@@ -1,9 +1,10 @@
-//! Telemetry: structured logs through `tracing` (human-readable on a terminal, JSON with
+//! Telemetry: structured logs through `tracing` (human-readable, coloured only on a terminal, JSON with
 //! CRM_ANALYTICS_LOG_FORMAT=json; RUST_LOG filters, default info) and Prometheus metrics,
 //! kept apart from the pipeline's logic.
 
 pub mod metrics;
 
+use std::io::IsTerminal;
 use tracing_subscriber::{fmt, EnvFilter};
 
 pub fn init_logging() {
@@ -11,7 +12,11 @@ pub fn init_logging() {
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx=error"));
     let json =
         std::env::var("CRM_ANALYTICS_LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json"));
-    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colour codes only on a terminal: in a file or a pipe they are noise.
+    let builder = fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     let _ = if json {
         builder.json().flatten_event(true).try_init()
     } else {
