@@ -26,7 +26,15 @@ pub const MIGRATIONS: &[Migration] = &[
         description: "notifications only while a relay may be asleep",
         sql: include_str!("sql/003_quiet_when_busy.sql"),
     },
+    Migration {
+        version: 4,
+        description: "trigger functions owned by a role with only capture's rights",
+        sql: include_str!("sql/004_capture_role.sql"),
+    },
 ];
+
+/// Owner of the trigger functions: may append to the outbox and read the sleep flag, no more.
+pub const CAPTURE_ROLE: &str = "crm_analytics_capture";
 
 /// Channel the capture triggers notify on commit.
 pub const OUTBOX_CHANNEL: &str = "crm_analytics_outbox";
