@@ -140,6 +140,16 @@ async fn a_createrole_migrator_that_is_not_superuser_can_migrate() {
     crm_analytics::cli::migrate_all(&pool, &pool, "public", true)
         .await
         .expect("migrate as a CREATEROLE non-superuser");
+    // Row images of the metric columns only: per-table functions, handed over the same way.
+    crm_analytics::cli::migrate_all_with(
+        &pool,
+        &pool,
+        "public",
+        false,
+        Some(crm_analytics::capture::CaptureColumns::Metrics),
+    )
+    .await
+    .expect("switch to metrics row images as a CREATEROLE non-superuser");
     let owners: Vec<String> = sqlx::query_scalar(
         "SELECT DISTINCT pg_get_userbyid(proowner)::text FROM pg_proc
          WHERE pronamespace = 'crm_analytics'::regnamespace AND prorettype = 'trigger'::regtype",
@@ -148,6 +158,13 @@ async fn a_createrole_migrator_that_is_not_superuser_can_migrate() {
     .await
     .unwrap();
     assert_eq!(owners, [crm_analytics::capture::CAPTURE_ROLE]);
+    let metric_functions: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_proc WHERE proname LIKE 'capture\\_%\\_metrics'",
+    )
+    .fetch_one(&admin)
+    .await
+    .unwrap();
+    assert_eq!(metric_functions, 4);
     sqlx::query("INSERT INTO accounts (name) VALUES ('Captured')")
         .execute(&pool)
         .await
