@@ -3,6 +3,8 @@
 //! Owns schema `crm_analytics` there (the `event_outbox` table and the trigger functions),
 //! attaching row triggers to the four CRM tables, the TRUNCATE guard, and the reference CRM
 //! schema that demos and tests create. A change and its outbox row commit or roll back together.
+//! The trigger functions run as `crm_analytics_capture`, a role that may only append to the
+//! outbox; row images carry every column or, with `metrics`, only what the metrics read.
 
 use sqlx::PgPool;
 
