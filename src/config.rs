@@ -149,6 +149,14 @@ pub struct PipelineArgs {
     #[arg(long, env = "CRM_ANALYTICS_OUTBOX_RETENTION", default_value = "0s", value_parser = parse_duration)]
     pub outbox_retention: Duration,
 
+    /// Longest a relay's CRM transaction waits on one step: the claim, the publish to the
+    /// queue, the commit (statement_timeout and idle_in_transaction_session_timeout of that
+    /// transaction, and a publish timeout). While it is open it holds back the CRM's xmin
+    /// horizon; past the bound it rolls back, its events stay in the outbox and the relay
+    /// retries. 0s: no bound.
+    #[arg(long, env = "CRM_ANALYTICS_RELAY_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub relay_timeout: Duration,
+
     /// How long applied event ids are remembered to drop duplicate deliveries. Must exceed
     /// the longest time a delivered-but-unacknowledged message can take to come back.
     #[arg(long, env = "CRM_ANALYTICS_DEDUP_RETENTION", default_value = "24h", value_parser = parse_duration)]

@@ -106,6 +106,7 @@ impl Pipeline {
                 batch_size: args.batch_size as usize,
                 poll_interval: args.poll_interval,
                 outbox_retention: args.outbox_retention,
+                timeout: args.relay_timeout,
             },
             worker: WorkerConfig {
                 workers: args.workers(),

@@ -46,7 +46,8 @@ async fn migrate_is_idempotent_and_versioned() {
             ("analytics".into(), 3),
             ("capture".into(), 1),
             ("capture".into(), 2),
-            ("capture".into(), 3)
+            ("capture".into(), 3),
+            ("capture".into(), 4)
         ]
     );
     db.finish(pool).await;

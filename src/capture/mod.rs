@@ -3,6 +3,8 @@
 //! Owns schema `crm_analytics` there (the `event_outbox` table and the trigger functions),
 //! attaching row triggers to the four CRM tables, the TRUNCATE guard, and the reference CRM
 //! schema that demos and tests create. A change and its outbox row commit or roll back together.
+//! The trigger functions run as `crm_analytics_capture`, a role that may only append to the
+//! outbox; row images carry every column or, with `metrics`, only what the metrics read.
 
 use sqlx::PgPool;
 
@@ -26,7 +28,15 @@ pub const MIGRATIONS: &[Migration] = &[
         description: "notifications only while a relay may be asleep",
         sql: include_str!("sql/003_quiet_when_busy.sql"),
     },
+    Migration {
+        version: 4,
+        description: "trigger functions owned by a role with only capture's rights",
+        sql: include_str!("sql/004_capture_role.sql"),
+    },
 ];
+
+/// Owner of the trigger functions: may append to the outbox and read the sleep flag, no more.
+pub const CAPTURE_ROLE: &str = "crm_analytics_capture";
 
 /// Channel the capture triggers notify on commit.
 pub const OUTBOX_CHANNEL: &str = "crm_analytics_outbox";
@@ -112,37 +122,76 @@ pub async fn check_crm_tables(pool: &PgPool, crm_schema: &str) -> Result<(), Cap
     }
 }
 
-/// Installs or upgrades the outbox, then attaches the triggers that are not attached yet.
+/// What a row image carries into the outbox, the queue, the archive and `failed_events`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CaptureColumns {
+    /// Every column of the row, as `to_jsonb` renders it.
+    All,
+    /// Only the id and the columns the metrics read (personal data stays in the CRM); an
+    /// UPDATE is captured only when one of those columns changes.
+    Metrics,
+}
+
+/// Installs or upgrades the outbox, then attaches the triggers that are not attached yet,
+/// keeping the row images the installation already captures (every column on a first run).
 /// Running it again changes nothing. Returns the number of triggers it created.
 pub async fn attach(pool: &PgPool, crm_schema: &str) -> Result<usize, CaptureError> {
+    attach_with(pool, crm_schema, None).await
+}
+
+/// [`attach`], choosing what row images carry: `None` keeps the current choice. Switching
+/// replaces the capture triggers in one transaction, so no change goes uncaptured.
+pub async fn attach_with(
+    pool: &PgPool,
+    crm_schema: &str,
+    columns: Option<CaptureColumns>,
+) -> Result<usize, CaptureError> {
     check_crm_tables(pool, crm_schema).await?;
     migrate::apply(pool, "capture", MIGRATIONS).await?;
     let mut tx = pool.begin().await?;
     sqlx::query("SELECT pg_advisory_xact_lock(hashtext('crm_analytics.migrate'))")
         .execute(&mut *tx)
         .await?;
+    let columns = match columns {
+        Some(columns) => columns,
+        None => current_columns(&mut tx, crm_schema).await?,
+    };
     let mut created = 0;
-    for table in CrmTable::ALL {
+    for (table, metric_columns) in REQUIRED_COLUMNS {
         let qualified = format!("{crm_schema}.{}", table.name());
+        let (function, changed) = match columns {
+            CaptureColumns::All => (
+                "crm_analytics.capture_row_change()".to_string(),
+                "OLD.* IS DISTINCT FROM NEW.*".to_string(),
+            ),
+            CaptureColumns::Metrics => {
+                let function = install_metrics_function(&mut tx, table, metric_columns).await?;
+                let (old, new) = (row_of("OLD", metric_columns), row_of("NEW", metric_columns));
+                (function, format!("{old} IS DISTINCT FROM {new}"))
+            }
+        };
         let triggers = [
             (
                 "crm_analytics_capture",
+                Some(&function),
                 format!(
                     "CREATE TRIGGER crm_analytics_capture AFTER INSERT OR DELETE ON {qualified}
-                     FOR EACH ROW EXECUTE FUNCTION crm_analytics.capture_row_change()"
+                     FOR EACH ROW EXECUTE FUNCTION {function}"
                 ),
             ),
-            // An UPDATE that changes no column changes no metric: not captured.
+            // An UPDATE that changes no captured column changes no metric: not captured.
             (
                 "crm_analytics_capture_update",
+                Some(&function),
                 format!(
                     "CREATE TRIGGER crm_analytics_capture_update AFTER UPDATE ON {qualified}
-                     FOR EACH ROW WHEN (OLD.* IS DISTINCT FROM NEW.*)
-                     EXECUTE FUNCTION crm_analytics.capture_row_change()"
+                     FOR EACH ROW WHEN ({changed})
+                     EXECUTE FUNCTION {function}"
                 ),
             ),
             (
                 "crm_analytics_notify",
+                None,
                 format!(
                     "CREATE TRIGGER crm_analytics_notify AFTER INSERT OR UPDATE OR DELETE ON {qualified}
                      FOR EACH STATEMENT EXECUTE FUNCTION crm_analytics.notify_outbox()"
@@ -150,27 +199,138 @@ pub async fn attach(pool: &PgPool, crm_schema: &str) -> Result<usize, CaptureErr
             ),
             (
                 "crm_analytics_no_truncate",
+                None,
                 format!(
                     "CREATE TRIGGER crm_analytics_no_truncate BEFORE TRUNCATE ON {qualified}
                      FOR EACH STATEMENT EXECUTE FUNCTION crm_analytics.refuse_truncate()"
                 ),
             ),
         ];
-        for (name, ddl) in triggers {
-            let exists: bool = sqlx::query_scalar(
-                "SELECT EXISTS (SELECT 1 FROM pg_trigger
-                 WHERE tgname = $1 AND tgrelid = to_regclass($2))",
+        for (name, wanted_function, ddl) in triggers {
+            // None: absent; Some(true): present and calling the function this setting wants.
+            let present: Option<bool> = sqlx::query_scalar(
+                "SELECT $3::text IS NULL OR tgfoid = $3::text::regprocedure FROM pg_trigger
+                 WHERE tgname = $1 AND tgrelid = to_regclass($2)",
             )
             .bind(name)
             .bind(&qualified)
-            .fetch_one(&mut *tx)
+            .bind(wanted_function)
+            .fetch_optional(&mut *tx)
             .await?;
-            if !exists {
-                sqlx::raw_sql(&ddl).execute(&mut *tx).await?;
-                created += 1;
+            if present == Some(true) {
+                continue;
             }
+            if present == Some(false) {
+                // Dropped and created in this transaction: no write slips between them.
+                sqlx::raw_sql(&format!("DROP TRIGGER {name} ON {qualified}"))
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            sqlx::raw_sql(&ddl).execute(&mut *tx).await?;
+            created += 1;
         }
     }
     tx.commit().await?;
+    tracing::info!(?columns, "capture triggers attached");
     Ok(created)
+}
+
+/// What the attached triggers capture now: the per-table functions mean `metrics`.
+async fn current_columns(
+    tx: &mut sqlx::PgConnection,
+    crm_schema: &str,
+) -> Result<CaptureColumns, CaptureError> {
+    let metrics: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid
+                        JOIN pg_class c ON c.oid = t.tgrelid
+         WHERE t.tgname = 'crm_analytics_capture'
+           AND c.relnamespace = to_regnamespace($1)
+           AND p.pronamespace = to_regnamespace('crm_analytics')
+           AND p.proname LIKE 'capture\\_%\\_metrics')",
+    )
+    .bind(crm_schema)
+    .fetch_one(&mut *tx)
+    .await?;
+    Ok(if metrics {
+        CaptureColumns::Metrics
+    } else {
+        CaptureColumns::All
+    })
+}
+
+/// A quoted SQL identifier (the column names are ours, quoting keeps them exact).
+fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// `(OLD."a", OLD."b")`: the captured columns of one side of a change.
+fn row_of(side: &str, columns: &[&str]) -> String {
+    let fields: Vec<String> = columns
+        .iter()
+        .map(|c| format!("{side}.{}", quote_ident(c)))
+        .collect();
+    format!("ROW({})", fields.join(", "))
+}
+
+/// `jsonb_build_object('a', NEW."a", ...)`: the image of the captured columns only, so the
+/// others (and whatever code their types run to become JSON) are never even read.
+fn image_of(side: &str, columns: &[&str]) -> String {
+    let pairs: Vec<String> = columns
+        .iter()
+        .map(|c| format!("'{c}', {side}.{}", quote_ident(c)))
+        .collect();
+    format!("jsonb_build_object({})", pairs.join(", "))
+}
+
+/// Creates or replaces the `metrics` capture function of one table, owned by the capture
+/// role like the others. Returns its signature.
+async fn install_metrics_function(
+    tx: &mut sqlx::PgConnection,
+    table: CrmTable,
+    columns: &[&str],
+) -> Result<String, CaptureError> {
+    let name = format!("crm_analytics.capture_{}_metrics", table.name());
+    let (old, new) = (image_of("OLD", columns), image_of("NEW", columns));
+    // Same body as capture_row_change (migration 1), with explicit images.
+    let body = format!(
+        "CREATE OR REPLACE FUNCTION {name}() RETURNS trigger
+         LANGUAGE plpgsql SECURITY DEFINER
+         SET search_path = pg_catalog, pg_temp
+         SET timezone = 'UTC'
+         AS $$
+         BEGIN
+             IF TG_OP = 'INSERT' THEN
+                 INSERT INTO crm_analytics.event_outbox (event_type, aggregate_id, payload)
+                 VALUES (TG_TABLE_NAME || '.insert', NEW.id, jsonb_build_object('new', {new}));
+                 RETURN NEW;
+             ELSIF TG_OP = 'UPDATE' THEN
+                 INSERT INTO crm_analytics.event_outbox (event_type, aggregate_id, payload)
+                 VALUES (TG_TABLE_NAME || '.update', NEW.id,
+                         jsonb_build_object('old', {old}, 'new', {new}));
+                 RETURN NEW;
+             ELSE
+                 INSERT INTO crm_analytics.event_outbox (event_type, aggregate_id, payload)
+                 VALUES (TG_TABLE_NAME || '.delete', OLD.id, jsonb_build_object('old', {old}));
+                 RETURN OLD;
+             END IF;
+         END;
+         $$"
+    );
+    let exists: bool = sqlx::query_scalar("SELECT to_regprocedure($1) IS NOT NULL")
+        .bind(format!("{name}()"))
+        .fetch_one(&mut *tx)
+        .await?;
+    sqlx::raw_sql(&body).execute(&mut *tx).await?;
+    if !exists {
+        // As in migration 4: CREATE on the schema only for the moment of the hand-over.
+        sqlx::raw_sql(&format!(
+            "REVOKE ALL ON FUNCTION {name}() FROM PUBLIC;
+             GRANT CREATE ON SCHEMA crm_analytics TO {CAPTURE_ROLE};
+             ALTER FUNCTION {name}() OWNER TO {CAPTURE_ROLE};
+             REVOKE CREATE ON SCHEMA crm_analytics FROM {CAPTURE_ROLE};"
+        ))
+        .execute(&mut *tx)
+        .await?;
+    }
+    Ok(format!("{name}()"))
 }

@@ -38,6 +38,11 @@ pub enum Command {
         /// Also create the reference CRM tables if they do not exist (demos and tests).
         #[arg(long)]
         create_crm_schema: bool,
+        /// What row images carry into the outbox, queue, archive and failed_events: every
+        /// column (all), or only the id and the columns the metrics read (metrics), which
+        /// keeps personal data out of them. Unset: keep what is attached (all at first).
+        #[arg(long, env = "CRM_ANALYTICS_CAPTURE_COLUMNS", value_enum)]
+        capture_columns: Option<crate::capture::CaptureColumns>,
     },
     /// Load rows that existed before capture was attached into the aggregates (exact while
     /// the CRM keeps writing; safe to run again).
@@ -157,11 +162,21 @@ pub async fn main() -> ExitCode {
 async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     let db = &cli.db;
     match cli.command {
-        Command::Migrate { create_crm_schema } => {
+        Command::Migrate {
+            create_crm_schema,
+            capture_columns,
+        } => {
             let crm = crate::db::connect(db.crm_url()?, db.crm_setting(), 2).await?;
             let analytics =
                 crate::db::connect(db.analytics_url()?, db.analytics_setting(), 4).await?;
-            migrate_all(&crm, &analytics, &db.crm_schema, create_crm_schema).await?;
+            migrate_all_with(
+                &crm,
+                &analytics,
+                &db.crm_schema,
+                create_crm_schema,
+                capture_columns,
+            )
+            .await?;
         }
         Command::Backfill | Command::Rebuild => {
             let crm = crate::db::connect(db.crm_url()?, db.crm_setting(), 2).await?;
@@ -294,10 +309,21 @@ pub async fn migrate_all(
     crm_schema: &str,
     create_crm_schema: bool,
 ) -> anyhow::Result<()> {
+    migrate_all_with(crm, analytics, crm_schema, create_crm_schema, None).await
+}
+
+/// [`migrate_all`], choosing what row images carry (`None`: keep what is attached).
+pub async fn migrate_all_with(
+    crm: &sqlx::PgPool,
+    analytics: &sqlx::PgPool,
+    crm_schema: &str,
+    create_crm_schema: bool,
+    capture_columns: Option<crate::capture::CaptureColumns>,
+) -> anyhow::Result<()> {
     if create_crm_schema {
         crate::capture::create_reference_schema(crm, crm_schema).await?;
     }
-    let triggers = crate::capture::attach(crm, crm_schema).await?;
+    let triggers = crate::capture::attach_with(crm, crm_schema, capture_columns).await?;
     let applied =
         crate::migrate::apply(analytics, "analytics", crate::aggregates::MIGRATIONS).await?;
     tracing::info!(triggers_created = triggers, analytics_migrations = ?applied, "migrated");

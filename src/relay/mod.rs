@@ -5,6 +5,8 @@
 //! it polls every few milliseconds; idle, it sleeps until the capture triggers' NOTIFY, with
 //! a slow poll as the safety net. If publishing succeeds but the commit
 //! does not, the events are published again later: at least once, never lost.
+//! The claiming transaction is bounded in time (statement and idle-in-transaction timeouts
+//! on the CRM side, a publish timeout here), so a hanging queue never holds the CRM's xmin.
 
 use chrono::{DateTime, Utc};
 use serde_json::value::RawValue;
@@ -27,6 +29,27 @@ pub struct RelayConfig {
     pub poll_interval: Duration,
     /// Keep relayed rows in event_outbox_processed (pruned by maintenance) when non-zero.
     pub outbox_retention: Duration,
+    /// Longest a claiming transaction may wait on one step (claim, publish, commit); zero:
+    /// unbounded. It holds back the CRM's xmin horizon while it is open.
+    pub timeout: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error("publishing {events} events took longer than {timeout:?} (CRM_ANALYTICS_RELAY_TIMEOUT); the claim is rolled back and the events stay in the outbox")]
+    PublishTimeout { events: usize, timeout: Duration },
+}
+
+/// Opens the claiming transaction with the CRM-side bounds in the same round trip:
+/// a statement that hangs is cancelled, and a session left idle inside the transaction
+/// (a publish or a process that hangs) is ended by the server, which rolls it back.
+fn begin_statement(timeout: Duration) -> String {
+    // Milliseconds as an integer: nothing here comes from user text.
+    let ms = timeout.as_millis().min(i32::MAX as u128);
+    format!(
+        "BEGIN; SET LOCAL statement_timeout = {ms}; \
+         SET LOCAL idle_in_transaction_session_timeout = {ms}"
+    )
 }
 
 /// An outbox row as claimed: id, type, aggregate, xid, creation time, payload text.
@@ -38,7 +61,7 @@ pub async fn relay_once(
     queue: &dyn Queue,
     config: &RelayConfig,
 ) -> anyhow::Result<usize> {
-    let mut tx = crm.begin().await?;
+    let mut tx = crm.begin_with(begin_statement(config.timeout)).await?;
     // Claim by ctid: the locked rows cannot move, and a TID scan needs no index.
     let rows: Vec<OutboxRow> = sqlx::query_as(
         "WITH claimed AS (
@@ -76,7 +99,19 @@ pub async fn relay_once(
             payload: RawValue::from_string(payload)?,
         });
     }
-    if let Err(error) = queue.publish(&envelopes).await {
+    let published = if config.timeout.is_zero() {
+        queue.publish(&envelopes).await.map_err(anyhow::Error::from)
+    } else {
+        match tokio::time::timeout(config.timeout, queue.publish(&envelopes)).await {
+            Ok(result) => result.map_err(anyhow::Error::from),
+            Err(_) => Err(RelayError::PublishTimeout {
+                events: envelopes.len(),
+                timeout: config.timeout,
+            }
+            .into()),
+        }
+    };
+    if let Err(error) = published {
         drop(tx); // rolls back: the rows stay in the outbox
         let ids: Vec<Uuid> = envelopes.iter().map(|e| e.event_id).collect();
         let _ = sqlx::query(
@@ -86,7 +121,7 @@ pub async fn relay_once(
         .bind(&ids)
         .execute(crm)
         .await;
-        return Err(error.into());
+        return Err(error);
     }
     tx.commit().await?;
     crate::telemetry::metrics::events_relayed(envelopes.len());

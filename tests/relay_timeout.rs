@@ -1,0 +1,122 @@
+//! Relay: a publish that hangs does not keep a CRM transaction open (and the CRM's xmin
+//! horizon held back) beyond the relay timeout; once the queue answers again, every event
+//! is delivered, exactly once in effect.
+
+mod common;
+
+use async_trait::async_trait;
+use common::TestDb;
+use crm_analytics::event::Envelope;
+use crm_analytics::queue::{postgres::PostgresQueue, Queue, QueueError, ReceivedBatch};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// The real PostgreSQL queue, except that while `hang` is set a publish never returns
+/// (a broker or analytics database that stopped answering).
+struct Hanging {
+    inner: PostgresQueue,
+    hang: Arc<AtomicBool>,
+    hung: Arc<AtomicUsize>,
+}
+
+#[async_trait]
+impl Queue for Hanging {
+    async fn publish(&self, events: &[Envelope]) -> Result<(), QueueError> {
+        if self.hang.load(Ordering::SeqCst) {
+            self.hung.fetch_add(1, Ordering::SeqCst);
+            std::future::pending::<()>().await;
+        }
+        self.inner.publish(events).await
+    }
+    async fn receive(&self, max: usize) -> Result<Box<dyn ReceivedBatch>, QueueError> {
+        self.inner.receive(max).await
+    }
+    fn epoch(&self) -> u64 {
+        self.inner.epoch()
+    }
+    async fn wait_for_messages(&self, seen: u64, timeout: Duration) {
+        self.inner.wait_for_messages(seen, timeout).await
+    }
+    async fn depth(&self) -> Result<u64, QueueError> {
+        self.inner.depth().await
+    }
+    async fn is_full(&self) -> Result<bool, QueueError> {
+        self.inner.is_full().await
+    }
+}
+
+#[tokio::test]
+async fn a_hanging_publish_ends_the_crm_transaction_within_the_bound() {
+    let (db, pool) = TestDb::migrated().await;
+    let bound = Duration::from_secs(1);
+    let mut args = db.args();
+    args.relay_timeout = bound;
+    args.outbox_retention = Duration::from_secs(3600); // to count relayed events
+    let hang = Arc::new(AtomicBool::new(true));
+    let hung = Arc::new(AtomicUsize::new(0));
+    let inner = PostgresQueue::connect(db.pool(12).await, 1_000_000)
+        .await
+        .unwrap();
+    let queue = Hanging {
+        inner,
+        hang: hang.clone(),
+        hung: hung.clone(),
+    };
+    let running = common::start_with(&db, &args, move |_| Arc::new(queue) as Arc<dyn Queue>).await;
+    common::run_workload(&pool, 2, 100, 21).await;
+
+    // While publishing hangs, watch the CRM's transactions: none may outlive the bound
+    // by more than a margin for scheduling.
+    let margin = Duration::from_millis(1500);
+    let watch = Instant::now();
+    let mut relay_seen = false;
+    while watch.elapsed() < bound * 5 {
+        let open: Vec<(f64, String, String)> = sqlx::query_as(
+            "SELECT extract(epoch FROM clock_timestamp() - xact_start)::float8, state, query
+             FROM pg_stat_activity
+             WHERE datname = current_database() AND pid <> pg_backend_pid()
+               AND xact_start IS NOT NULL",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        for (age, state, query) in open {
+            relay_seen |= query.contains("event_outbox") && state == "idle in transaction";
+            assert!(
+                age < (bound + margin).as_secs_f64(),
+                "a CRM transaction has been open {age:.1}s ({state}): {query}"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        relay_seen,
+        "a relay transaction was seen waiting on the publish"
+    );
+    assert!(
+        hung.load(Ordering::SeqCst) >= 2,
+        "the relay gave up on the hanging publish and tried again"
+    );
+
+    // The queue answers again: everything arrives, nothing twice.
+    hang.store(false, Ordering::SeqCst);
+    common::drain(&pool, Duration::from_secs(60)).await;
+    running.stop().await;
+    let (relayed, distinct, applied, retried): (i64, i64, i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM crm_analytics.event_outbox_processed),
+                (SELECT count(DISTINCT event_id) FROM crm_analytics.event_outbox_processed),
+                (SELECT count(*) FROM crm_analytics.applied_events),
+                (SELECT count(*) FROM crm_analytics.event_outbox_processed WHERE retry_count > 0)",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert!(relayed > 100, "{relayed}");
+    assert_eq!(relayed, distinct, "an event was relayed twice");
+    assert_eq!(relayed, applied);
+    assert!(retried > 0, "the timed-out claims were counted as retries");
+    common::assert_exact(&pool).await;
+    common::assert_counts_match_outbox(&pool).await;
+    db.finish(pool).await;
+}
