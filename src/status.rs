@@ -6,6 +6,7 @@ use serde::Serialize;
 use sqlx::PgPool;
 
 use crate::queue::Queue;
+use crate::worker::apply::latency_bucket_bounds;
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Latency {
@@ -47,20 +48,34 @@ pub async fn read(crm: &PgPool, analytics: &PgPool, queue: &dyn Queue) -> anyhow
     })
 }
 
-/// p50 and p99 from (bucket, count) pairs, each bucket reported by its upper bound 1.25^b ms.
+/// p50 and p99 from (bucket, count) pairs, to within the bucket width (2 %): the rank's
+/// position inside its bucket is interpolated geometrically between the bucket's bounds,
+/// rounded to 0.1 ms.
 pub fn percentiles(histogram: &[(i32, i64)]) -> Option<Latency> {
     let total: i64 = histogram.iter().map(|(_, n)| n).sum();
     if total <= 0 {
         return None;
     }
+    let mut sorted = histogram.to_vec();
+    sorted.sort_by(|a, b| {
+        let (a, b) = (latency_bucket_bounds(a.0).1, latency_bucket_bounds(b.0).1);
+        a.total_cmp(&b)
+    });
     let at = |quantile: f64| {
         let rank = (quantile * total as f64).ceil().max(1.0) as i64;
         let mut seen = 0;
-        for (bucket, n) in histogram {
-            seen += n;
-            if seen >= rank {
-                return (1.25f64.powi(*bucket) * 10.0).round() / 10.0;
+        for (bucket, n) in &sorted {
+            if *n <= 0 {
+                continue;
             }
+            if seen + n >= rank {
+                let (lower, upper) = latency_bucket_bounds(*bucket);
+                // The k-th of n events in (lower, upper] sits at the k/n point of the bucket.
+                let fraction = (rank - seen) as f64 / *n as f64;
+                let value = lower * (upper / lower).powf(fraction);
+                return (value * 10.0).round() / 10.0;
+            }
+            seen += n;
         }
         0.0
     };
@@ -85,7 +100,65 @@ mod tests {
         assert!((10.0..=12.5).contains(&latency.p50), "{latency:?}");
         assert!((10.0..=12.5).contains(&latency.p99), "{latency:?}");
         let latency = percentiles(&[(fast, 98), (slow, 2)]).unwrap();
-        assert!((500.0..=625.0).contains(&latency.p99), "{latency:?}");
-        assert_eq!(latency_bucket(0.2), 0);
+        // Within 2 % of 500 ms (the upper bound of a 25 % bucket used to say 596 ms).
+        assert!((490.0..=510.0).contains(&latency.p99), "{latency:?}");
+        // Sub-millisecond latencies are told apart too.
+        assert!(latency_bucket(0.2) < latency_bucket(0.5));
+        assert!(latency_bucket(0.5) < latency_bucket(1.0));
+    }
+
+    /// Exact percentiles of a sorted sample, by the same nearest-rank definition.
+    fn exact(sorted: &[f64], quantile: f64) -> f64 {
+        let rank = (quantile * sorted.len() as f64).ceil().max(1.0) as usize;
+        sorted[rank - 1]
+    }
+
+    #[test]
+    fn percentiles_are_within_two_percent_of_the_samples() {
+        // Deterministic samples: a narrow cluster (the case a 25 % bucket reported as its
+        // upper bound got wrong run after run), a wide spread, and a long tail.
+        let cluster: Vec<f64> = (0..1000).map(|i| 10.2 + (i % 37) as f64 * 0.01).collect();
+        let spread: Vec<f64> = (0..5000)
+            .map(|i| 1.0 + (i as f64 * 0.7919) % 200.0)
+            .collect();
+        let tail: Vec<f64> = (0..2000)
+            .map(|i| {
+                if i % 50 == 0 {
+                    900.0 + i as f64
+                } else {
+                    3.0 + (i % 13) as f64 * 0.37
+                }
+            })
+            .collect();
+        for mut samples in [cluster, spread, tail] {
+            samples.sort_by(f64::total_cmp);
+            let mut buckets = std::collections::BTreeMap::<i32, i64>::new();
+            for ms in &samples {
+                *buckets.entry(latency_bucket(*ms)).or_default() += 1;
+            }
+            let histogram: Vec<(i32, i64)> = buckets.into_iter().collect();
+            let latency = percentiles(&histogram).unwrap();
+            for (got, quantile) in [(latency.p50, 0.50), (latency.p99, 0.99)] {
+                let want = exact(&samples, quantile);
+                let error = (got - want).abs() / want;
+                // 2 % of bucket width plus the 0.1 ms rounding.
+                assert!(
+                    error <= 0.02 + 0.05 / want,
+                    "p{}: {got} ms for {want} ms ({:.2} %)",
+                    quantile * 100.0,
+                    error * 100.0
+                );
+            }
+        }
+        // The 10.2-10.56 ms cluster no longer reads as 11.6 ms.
+        let cluster = percentiles(&[(latency_bucket(10.3), 600), (latency_bucket(10.5), 400)]);
+        assert!(cluster.is_some_and(|l| (10.1..=10.6).contains(&l.p50)));
+    }
+
+    #[test]
+    fn buckets_of_earlier_versions_read_as_their_upper_bound() {
+        // Bucket 10 of the 25 % histogram: (7.45, 9.31] ms.
+        let latency = percentiles(&[(10, 7)]).unwrap();
+        assert_eq!(latency.p50, 9.3);
     }
 }

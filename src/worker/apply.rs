@@ -109,12 +109,33 @@ pub struct Applier {
     pub archive: Option<Archive>,
 }
 
-/// Latency histogram bucket of a duration in milliseconds: ceil(log_1.25(ms)).
+/// Growth factor of the latency histogram's buckets: each is 2 % wider than the one
+/// below, so a percentile read from it is off by less than 2 % (see `status::percentiles`).
+pub const LATENCY_BUCKET_GROWTH: f64 = 1.02;
+/// Bucket numbers from here on are 2 % buckets; smaller ones are the 25 % buckets that
+/// earlier versions wrote (ceil(log_1.25(ms))), still read correctly until they age out of
+/// the five-minute window, so old and new workers can run side by side during an upgrade.
+pub const FINE_BUCKET_OFFSET: i32 = 1_000_000;
+/// Latencies at or below this many milliseconds share the lowest bucket.
+const LATENCY_FLOOR_MS: f64 = 0.01;
+
+/// Latency histogram bucket of a duration in milliseconds:
+/// FINE_BUCKET_OFFSET + ceil(log_1.02(ms)); the bucket holds (1.02^(b-1), 1.02^b] ms.
 pub fn latency_bucket(ms: f64) -> i32 {
-    if ms <= 1.0 {
-        0
+    let ms = if ms.is_finite() { ms } else { 0.0 }.max(LATENCY_FLOOR_MS);
+    FINE_BUCKET_OFFSET + (ms.ln() / LATENCY_BUCKET_GROWTH.ln()).ceil() as i32
+}
+
+/// The range of milliseconds a stored bucket stands for, (lower, upper].
+pub fn latency_bucket_bounds(bucket: i32) -> (f64, f64) {
+    if bucket >= FINE_BUCKET_OFFSET / 2 {
+        let upper = LATENCY_BUCKET_GROWTH.powi(bucket - FINE_BUCKET_OFFSET);
+        (upper / LATENCY_BUCKET_GROWTH, upper)
     } else {
-        (ms.ln() / 1.25f64.ln()).ceil() as i32
+        // A 25 % bucket of an earlier version: reported by its upper bound, as that
+        // version did (they age out of the window within five minutes of an upgrade).
+        let upper = 1.25f64.powi(bucket);
+        (upper, upper)
     }
 }
 
