@@ -106,9 +106,9 @@ pub struct PipelineArgs {
     #[arg(long, env = "CRM_ANALYTICS_CRM_POOL_SIZE", value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub crm_pool_size: Option<u32>,
 
-    /// Connections to the analytics database this process may open (default: 2 × workers
-    /// + 8, at most 40; at least 2 × workers + 2). Checked at start against the server's
-    /// free connections.
+    /// Connections to the analytics database this process may open (default: two per
+    /// worker plus 8, at most 40; at least two per worker plus 2). Checked at start
+    /// against the server's free connections.
     #[arg(long, env = "CRM_ANALYTICS_ANALYTICS_POOL_SIZE", value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub analytics_pool_size: Option<u32>,
 

@@ -1,6 +1,7 @@
 //! Status: the original design's monitoring points, read from the databases so that any
 //! process (the CLI, the API) can report them: outbox lag, queue depth, failed events and
-//! commit-to-applied latency.
+//! commit-to-applied latency. Each database is read on its own, so one being down never
+//! hides the other's numbers, and the outbox lag costs O(1) however large the backlog.
 
 use serde::Serialize;
 use sqlx::PgPool;
@@ -18,6 +19,8 @@ pub struct Latency {
 pub struct Status {
     /// Events committed in the CRM and not yet handed to the queue.
     pub outbox_lag: u64,
+    /// Whether outbox_lag is an estimate (above EXACT_LAG_LIMIT events) rather than a count.
+    pub outbox_lag_estimated: bool,
     /// Events in the queue, waiting or being applied.
     pub queue_depth: u64,
     /// Events parked in failed_events.
@@ -26,10 +29,56 @@ pub struct Status {
     pub latency_ms: Option<Latency>,
 }
 
-pub async fn read(crm: &PgPool, analytics: &PgPool, queue: &dyn Queue) -> anyhow::Result<Status> {
-    let outbox_lag: i64 = sqlx::query_scalar("SELECT count(*) FROM crm_analytics.event_outbox")
-        .fetch_one(crm)
-        .await?;
+/// Up to this many outbox rows the lag is counted; beyond, PostgreSQL's own live-row
+/// statistics estimate it. A poll (every dashboard viewer, every scrape) thus reads at
+/// most this many rows of the CRM, however large a backlog grows.
+pub const EXACT_LAG_LIMIT: i64 = 1000;
+/// How long one database may take to answer before it is reported unreachable, so that a
+/// scrape or a health check answers even while a database hangs.
+const READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// The outbox lag in O(1): exact below EXACT_LAG_LIMIT, an estimate above.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
+pub struct OutboxLag {
+    pub events: u64,
+    pub estimated: bool,
+}
+
+/// What the CRM database told.
+pub async fn read_crm(crm: &PgPool) -> anyhow::Result<OutboxLag> {
+    let (counted, live): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM (SELECT 1 FROM crm_analytics.event_outbox LIMIT $1) s),
+                pg_stat_get_live_tuples('crm_analytics.event_outbox'::regclass)",
+    )
+    .bind(EXACT_LAG_LIMIT + 1)
+    .fetch_one(crm)
+    .await?;
+    Ok(if counted <= EXACT_LAG_LIMIT {
+        OutboxLag {
+            events: counted as u64,
+            estimated: false,
+        }
+    } else {
+        // The statistics trail commits by up to about a second: never below what was seen.
+        OutboxLag {
+            events: counted.max(live) as u64,
+            estimated: true,
+        }
+    })
+}
+
+/// What the analytics database (and the queue in it) told.
+#[derive(Debug, Clone, Serialize)]
+pub struct AnalyticsStatus {
+    pub queue_depth: u64,
+    pub failed_events: u64,
+    pub latency_ms: Option<Latency>,
+}
+
+pub async fn read_analytics(
+    analytics: &PgPool,
+    queue: &dyn Queue,
+) -> anyhow::Result<AnalyticsStatus> {
     let failed: i64 = sqlx::query_scalar("SELECT count(*) FROM crm_analytics.failed_events")
         .fetch_one(analytics)
         .await?;
@@ -40,12 +89,81 @@ pub async fn read(crm: &PgPool, analytics: &PgPool, queue: &dyn Queue) -> anyhow
     )
     .fetch_all(analytics)
     .await?;
-    Ok(Status {
-        outbox_lag: outbox_lag as u64,
+    Ok(AnalyticsStatus {
         queue_depth: queue.depth().await?,
         failed_events: failed as u64,
         latency_ms: percentiles(&histogram),
     })
+}
+
+/// Each database's side on its own: one being down leaves the other's numbers readable.
+#[derive(Debug)]
+pub struct Report {
+    /// The CRM's outbox lag, or why it could not be read.
+    pub crm: Result<OutboxLag, String>,
+    /// The analytics side, or why it could not be read.
+    pub analytics: Result<AnalyticsStatus, String>,
+}
+
+impl Report {
+    /// Both sides read, each within READ_TIMEOUT.
+    pub async fn read(crm: &PgPool, analytics: &PgPool, queue: &dyn Queue) -> Self {
+        let (crm, analytics) = tokio::join!(
+            bounded(read_crm(crm)),
+            bounded(read_analytics(analytics, queue))
+        );
+        Self { crm, analytics }
+    }
+
+    /// The names of the databases that did not answer ("crm", "analytics").
+    pub fn unreachable(&self) -> Vec<&'static str> {
+        let mut names = Vec::new();
+        if self.crm.is_err() {
+            names.push("crm");
+        }
+        if self.analytics.is_err() {
+            names.push("analytics");
+        }
+        names
+    }
+
+    /// The whole status, or an error naming each database that did not answer.
+    pub fn into_status(self) -> anyhow::Result<Status> {
+        match (self.crm, self.analytics) {
+            (Ok(lag), Ok(analytics)) => Ok(Status {
+                outbox_lag: lag.events,
+                outbox_lag_estimated: lag.estimated,
+                queue_depth: analytics.queue_depth,
+                failed_events: analytics.failed_events,
+                latency_ms: analytics.latency_ms,
+            }),
+            (crm, analytics) => {
+                let mut problems = Vec::new();
+                if let Err(error) = crm {
+                    problems.push(format!("the CRM database is unreachable: {error}"));
+                }
+                if let Err(error) = analytics {
+                    problems.push(format!("the analytics database is unreachable: {error}"));
+                }
+                Err(anyhow::anyhow!(problems.join("; ")))
+            }
+        }
+    }
+}
+
+async fn bounded<T>(
+    read: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> Result<T, String> {
+    match tokio::time::timeout(READ_TIMEOUT, read).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(error)) => Err(format!("{error:#}")),
+        Err(_) => Err(format!("no answer within {READ_TIMEOUT:?}")),
+    }
+}
+
+/// Both databases' monitoring points; fails naming the database that did not answer.
+pub async fn read(crm: &PgPool, analytics: &PgPool, queue: &dyn Queue) -> anyhow::Result<Status> {
+    Report::read(crm, analytics, queue).await.into_status()
 }
 
 /// p50 and p99 from (bucket, count) pairs, to within the bucket width (2 %): the rank's
