@@ -33,18 +33,6 @@ pub async fn connect(url: &str, setting: &str, max_connections: u32) -> anyhow::
         .map_err(unreachable)
 }
 
-/// A pool that connects on first use: for reports that must still say what they can
-/// when one database is down. Fails only on a malformed URL.
-pub fn connect_lazy(url: &str, setting: &str, max_connections: u32) -> anyhow::Result<PgPool> {
-    let options = PgConnectOptions::from_str(url).map_err(|e| {
-        anyhow::anyhow!("{setting} is not a valid PostgreSQL URL ({e}); expected postgres://user:password@host:5432/database")
-    })?;
-    Ok(PgPoolOptions::new()
-        .max_connections(max_connections)
-        .acquire_timeout(Duration::from_secs(5))
-        .connect_lazy_with(plain_on_loopback(url, options)))
-}
-
 /// A pool about to be opened, with the settings that decide it (for the messages).
 pub struct PoolRequest<'a> {
     pub url: &'a str,

@@ -184,16 +184,31 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Status { json } => {
             // Each database on its own: one being down must not hide the other's numbers.
-            let crm = crate::db::connect_lazy(db.crm_url()?, "DATABASE_URL", 2)?;
+            let crm = crate::db::connect(db.crm_url()?, "DATABASE_URL", 2).await;
             let analytics =
-                crate::db::connect_lazy(db.analytics_url()?, db.analytics_setting(), 4)?;
-            let report = match PostgresQueue::connect(analytics.clone(), u64::MAX).await {
-                Ok(queue) => crate::status::Report::read(&crm, &analytics, &queue).await,
-                Err(error) => crate::status::Report {
-                    crm: crate::status::read_crm(&crm)
-                        .await
-                        .map_err(|e| format!("{e:#}")),
-                    analytics: Err(error.to_string()),
+                crate::db::connect(db.analytics_url()?, db.analytics_setting(), 4).await;
+            let analytics = match analytics {
+                Ok(pool) => PostgresQueue::connect(pool.clone(), u64::MAX)
+                    .await
+                    .map(|queue| (pool, queue))
+                    .map_err(anyhow::Error::from),
+                Err(error) => Err(error),
+            };
+            let report = match (&crm, &analytics) {
+                (Ok(crm), Ok((pool, queue))) => crate::status::Report::read(crm, pool, queue).await,
+                (crm, analytics) => crate::status::Report {
+                    crm: match crm {
+                        Ok(pool) => crate::status::read_crm(pool)
+                            .await
+                            .map_err(|e| format!("{e:#}")),
+                        Err(error) => Err(format!("{error:#}")),
+                    },
+                    analytics: match analytics {
+                        Ok((pool, queue)) => crate::status::read_analytics(pool, queue)
+                            .await
+                            .map_err(|e| format!("{e:#}")),
+                        Err(error) => Err(format!("{error:#}")),
+                    },
                 },
             };
             let settings = [
