@@ -123,9 +123,20 @@ pub struct PipelineArgs {
           value_parser = clap::value_parser!(u32).range(1..=64))]
     pub relays: u32,
 
-    /// Concurrent workers in this process (default: the number of CPU cores).
+    /// Concurrent workers in this process (default: the number of CPU cores, at most 16).
     #[arg(long, env = "CRM_ANALYTICS_WORKERS", value_parser = clap::value_parser!(u32).range(1..=256))]
     pub workers: Option<u32>,
+
+    /// Connections to the CRM database this process may open (default: relays + 4, at
+    /// most 40). Checked at start against the server's free connections.
+    #[arg(long, env = "CRM_ANALYTICS_CRM_POOL_SIZE", value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub crm_pool_size: Option<u32>,
+
+    /// Connections to the analytics database this process may open (default: two per
+    /// worker plus 8, at most 40; at least two per worker plus 2). Checked at start
+    /// against the server's free connections.
+    #[arg(long, env = "CRM_ANALYTICS_ANALYTICS_POOL_SIZE", value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub analytics_pool_size: Option<u32>,
 
     /// Safety-net poll interval when no notification arrives (e.g. 500ms, 2s).
     #[arg(long, env = "CRM_ANALYTICS_POLL_INTERVAL", default_value = "1s", value_parser = parse_duration)]
@@ -181,12 +192,18 @@ pub struct PipelineArgs {
     pub archive_layout: Layout,
 }
 
+/// Most workers a process runs unless CRM_ANALYTICS_WORKERS says otherwise.
+pub const DEFAULT_WORKERS_CAP: usize = 16;
+
 impl PipelineArgs {
     pub fn workers(&self) -> usize {
+        // At most 16 by default: each worker holds two analytics connections, and a large
+        // host must not exhaust the server's max_connections by default.
         self.workers.map(|w| w as usize).unwrap_or_else(|| {
             std::thread::available_parallelism()
                 .map(|n| n.get())
                 .unwrap_or(2)
+                .min(DEFAULT_WORKERS_CAP)
         })
     }
 }

@@ -83,6 +83,72 @@ fn connect_error(
     }
 }
 
+/// A pool about to be opened, with the settings that decide it (for the messages).
+pub struct PoolRequest<'a> {
+    pub url: &'a str,
+    pub url_setting: &'a str,
+    pub size: u32,
+    pub size_setting: &'a str,
+}
+
+/// Fails with the settings to change when a PostgreSQL server cannot take the pools that
+/// will connect to it: pools to the same host and port add up, and the room is
+/// max_connections, less the slots reserved for superusers (unless we are one), less the
+/// client connections open right now.
+pub async fn check_room(requests: &[PoolRequest<'_>]) -> anyhow::Result<()> {
+    let mut servers: Vec<(String, u16, Vec<&PoolRequest<'_>>)> = Vec::new();
+    for request in requests {
+        let options = parse_url(request.url, request.url_setting)?;
+        let (host, port) = (options.get_host().to_string(), options.get_port());
+        match servers
+            .iter_mut()
+            .find(|(h, p, _)| *h == host && *p == port)
+        {
+            Some((_, _, pools)) => pools.push(request),
+            None => servers.push((host, port, vec![request])),
+        }
+    }
+    for (host, port, pools) in servers {
+        let first = pools[0];
+        let options = plain_on_loopback(first.url, parse_url(first.url, first.url_setting)?);
+        let unreachable = |e: sqlx::Error| connect_error(first.url, first.url_setting, &options, e);
+        let mut conn = PgConnection::connect_with(&options)
+            .await
+            .map_err(unreachable)?;
+        let (max, reserved, in_use): (i32, i32, i64) = sqlx::query_as(
+            "SELECT current_setting('max_connections')::int4,
+                    CASE WHEN (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)
+                         THEN 0 ELSE current_setting('superuser_reserved_connections')::int4 END,
+                    (SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend')",
+        )
+        .fetch_one(&mut conn)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot read max_connections at {host}:{port}: {e}"))?;
+        conn.close().await.map_err(unreachable)?;
+        // This check's own connection is closed again: it does not count.
+        let room = i64::from(max) - i64::from(reserved) - (in_use - 1);
+        let wanted: i64 = pools.iter().map(|p| i64::from(p.size)).sum();
+        if wanted > room {
+            let sizes: Vec<String> = pools
+                .iter()
+                .map(|p| format!("{}={}", p.size_setting, p.size))
+                .collect();
+            let settings: Vec<&str> = pools.iter().map(|p| p.size_setting).collect();
+            anyhow::bail!(
+                "the connection pools need up to {wanted} connections to the PostgreSQL server at \
+                 {host}:{port} ({}), but it has room for {} more (max_connections {max}, \
+                 {reserved} reserved for superusers, {} in use): lower {} (or \
+                 CRM_ANALYTICS_WORKERS), or raise max_connections on the server",
+                sizes.join(", "),
+                room.max(0),
+                in_use - 1,
+                settings.join(" or ")
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Connections to this same host skip TLS unless the URL (sslmode=...) or PGSSLMODE asks
 /// for it: encrypting traffic that never leaves the machine protects nothing, and on the
 /// default single-host setup it cost about a quarter of the drain throughput.

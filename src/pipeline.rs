@@ -52,34 +52,95 @@ pub fn open_archive(args: &PipelineArgs) -> anyhow::Result<Option<Archive>> {
     Ok(Some(Archive::open(&args.archive, args.archive_layout)?))
 }
 
+/// Most connections a pool opens by default; larger pools are set explicitly
+/// (CRM_ANALYTICS_CRM_POOL_SIZE, CRM_ANALYTICS_ANALYTICS_POOL_SIZE).
+pub const DEFAULT_POOL_CAP: u32 = 40;
+
 /// Connections the analytics pool needs so that no stage ever waits for another's: per
 /// worker a queue lease and an apply transaction; one each for the queue listener, the
-/// relay's publishing, maintenance and status, and a few for the API server.
+/// relay's publishing, maintenance and status, and a few for the API server. Capped.
 pub fn analytics_pool_size(workers: usize) -> u32 {
-    (workers * 2 + 8) as u32
+    u32::try_from(workers * 2 + 8)
+        .unwrap_or(u32::MAX)
+        .min(DEFAULT_POOL_CAP)
+}
+
+/// The least analytics pool that cannot starve: a lease and an apply transaction per
+/// worker, plus the queue listener and one to spare.
+pub fn analytics_pool_minimum(workers: usize) -> u32 {
+    u32::try_from(workers * 2 + 2).unwrap_or(u32::MAX)
 }
 
 /// Connections of the CRM pool: one claim per relay loop, plus the outbox listener,
-/// the sleep flag, maintenance and status.
+/// the sleep flag, maintenance and status. Capped.
 pub fn crm_pool_size(relays: usize) -> u32 {
-    (relays + 4) as u32
+    u32::try_from(relays + 4)
+        .unwrap_or(u32::MAX)
+        .min(DEFAULT_POOL_CAP)
+}
+
+impl PipelineArgs {
+    /// The CRM pool's size: the setting, or the default for the relay loops.
+    pub fn crm_connections(&self) -> u32 {
+        self.crm_pool_size
+            .unwrap_or_else(|| crm_pool_size(self.relays as usize))
+    }
+
+    /// The analytics pool's size: the setting, or the default for the workers.
+    pub fn analytics_connections(&self) -> u32 {
+        self.analytics_pool_size
+            .unwrap_or_else(|| analytics_pool_size(self.workers()))
+    }
+
+    /// Refuses an analytics pool too small for the workers (they would wait on each other
+    /// for connections until the pool's acquire timeout, again and again).
+    pub fn check_pool_sizes(&self) -> anyhow::Result<()> {
+        let (relays, size) = (self.relays, self.crm_connections());
+        // A claim per relay loop, the outbox listener and the sleep flag.
+        if size < relays + 2 {
+            anyhow::bail!(
+                "the CRM pool ({size} connections, CRM_ANALYTICS_CRM_POOL_SIZE) is too small for \
+                 {relays} relay loops, which need at least {}: raise CRM_ANALYTICS_CRM_POOL_SIZE \
+                 or lower CRM_ANALYTICS_RELAYS",
+                relays + 2
+            );
+        }
+        let (workers, size) = (self.workers(), self.analytics_connections());
+        let needed = analytics_pool_minimum(workers);
+        if size < needed {
+            anyhow::bail!(
+                "the analytics pool ({size} connections, CRM_ANALYTICS_ANALYTICS_POOL_SIZE) is too \
+                 small for {workers} workers, which need at least {needed} (two each, plus two): \
+                 raise CRM_ANALYTICS_ANALYTICS_POOL_SIZE or lower CRM_ANALYTICS_WORKERS"
+            );
+        }
+        Ok(())
+    }
 }
 
 impl Pipeline {
     pub async fn connect(db: &DatabaseArgs, args: &PipelineArgs) -> anyhow::Result<Self> {
-        let workers = args.workers();
-        let crm = crate::db::connect(
-            db.crm_url()?,
-            db.crm_setting(),
-            crm_pool_size(args.relays as usize),
-        )
+        args.check_pool_sizes()?;
+        let (crm_size, analytics_size) = (args.crm_connections(), args.analytics_connections());
+        // Before any pool opens: a server that cannot fit them fails now, not under load.
+        crate::db::check_room(&[
+            crate::db::PoolRequest {
+                url: db.crm_url()?,
+                url_setting: db.crm_setting(),
+                size: crm_size,
+                size_setting: "CRM_ANALYTICS_CRM_POOL_SIZE",
+            },
+            crate::db::PoolRequest {
+                url: db.analytics_url()?,
+                url_setting: db.analytics_setting(),
+                size: analytics_size,
+                size_setting: "CRM_ANALYTICS_ANALYTICS_POOL_SIZE",
+            },
+        ])
         .await?;
-        let analytics = crate::db::connect(
-            db.analytics_url()?,
-            db.analytics_setting(),
-            analytics_pool_size(workers),
-        )
-        .await?;
+        let crm = crate::db::connect(db.crm_url()?, db.crm_setting(), crm_size).await?;
+        let analytics =
+            crate::db::connect(db.analytics_url()?, db.analytics_setting(), analytics_size).await?;
         let queue: Arc<dyn Queue> =
             Arc::new(PostgresQueue::connect(analytics.clone(), args.queue_capacity).await?);
         Self::assemble(crm, analytics, queue, args)

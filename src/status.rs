@@ -1,11 +1,13 @@
 //! Status: the original design's monitoring points, read from the databases so that any
 //! process (the CLI, the API) can report them: outbox lag, queue depth, failed events and
-//! commit-to-applied latency.
+//! commit-to-applied latency. Each database is read on its own, so one being down never
+//! hides the other's numbers, and the outbox lag costs O(1) however large the backlog.
 
 use serde::Serialize;
 use sqlx::PgPool;
 
 use crate::queue::Queue;
+use crate::worker::apply::latency_bucket_bounds;
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Latency {
@@ -17,6 +19,8 @@ pub struct Latency {
 pub struct Status {
     /// Events committed in the CRM and not yet handed to the queue.
     pub outbox_lag: u64,
+    /// Whether outbox_lag is an estimate (above EXACT_LAG_LIMIT events) rather than a count.
+    pub outbox_lag_estimated: bool,
     /// Events in the queue, waiting or being applied.
     pub queue_depth: u64,
     /// Events parked in failed_events.
@@ -25,10 +29,56 @@ pub struct Status {
     pub latency_ms: Option<Latency>,
 }
 
-pub async fn read(crm: &PgPool, analytics: &PgPool, queue: &dyn Queue) -> anyhow::Result<Status> {
-    let outbox_lag: i64 = sqlx::query_scalar("SELECT count(*) FROM crm_analytics.event_outbox")
-        .fetch_one(crm)
-        .await?;
+/// Up to this many outbox rows the lag is counted; beyond, PostgreSQL's own live-row
+/// statistics estimate it. A poll (every dashboard viewer, every scrape) thus reads at
+/// most this many rows of the CRM, however large a backlog grows.
+pub const EXACT_LAG_LIMIT: i64 = 1000;
+/// How long one database may take to answer before it is reported unreachable, so that a
+/// scrape or a health check answers even while a database hangs.
+const READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// The outbox lag in O(1): exact below EXACT_LAG_LIMIT, an estimate above.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
+pub struct OutboxLag {
+    pub events: u64,
+    pub estimated: bool,
+}
+
+/// What the CRM database told.
+pub async fn read_crm(crm: &PgPool) -> anyhow::Result<OutboxLag> {
+    let (counted, live): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM (SELECT 1 FROM crm_analytics.event_outbox LIMIT $1) s),
+                pg_stat_get_live_tuples('crm_analytics.event_outbox'::regclass)",
+    )
+    .bind(EXACT_LAG_LIMIT + 1)
+    .fetch_one(crm)
+    .await?;
+    Ok(if counted <= EXACT_LAG_LIMIT {
+        OutboxLag {
+            events: counted as u64,
+            estimated: false,
+        }
+    } else {
+        // The statistics trail commits by up to about a second: never below what was seen.
+        OutboxLag {
+            events: counted.max(live) as u64,
+            estimated: true,
+        }
+    })
+}
+
+/// What the analytics database (and the queue in it) told.
+#[derive(Debug, Clone, Serialize)]
+pub struct AnalyticsStatus {
+    pub queue_depth: u64,
+    pub failed_events: u64,
+    pub latency_ms: Option<Latency>,
+}
+
+pub async fn read_analytics(
+    analytics: &PgPool,
+    queue: &dyn Queue,
+) -> anyhow::Result<AnalyticsStatus> {
     let failed: i64 = sqlx::query_scalar("SELECT count(*) FROM crm_analytics.failed_events")
         .fetch_one(analytics)
         .await?;
@@ -39,28 +89,111 @@ pub async fn read(crm: &PgPool, analytics: &PgPool, queue: &dyn Queue) -> anyhow
     )
     .fetch_all(analytics)
     .await?;
-    Ok(Status {
-        outbox_lag: outbox_lag as u64,
+    Ok(AnalyticsStatus {
         queue_depth: queue.depth().await?,
         failed_events: failed as u64,
         latency_ms: percentiles(&histogram),
     })
 }
 
-/// p50 and p99 from (bucket, count) pairs, each bucket reported by its upper bound 1.25^b ms.
+/// Each database's side on its own: one being down leaves the other's numbers readable.
+#[derive(Debug)]
+pub struct Report {
+    /// The CRM's outbox lag, or why it could not be read.
+    pub crm: Result<OutboxLag, String>,
+    /// The analytics side, or why it could not be read.
+    pub analytics: Result<AnalyticsStatus, String>,
+}
+
+impl Report {
+    /// Both sides read, each within READ_TIMEOUT.
+    pub async fn read(crm: &PgPool, analytics: &PgPool, queue: &dyn Queue) -> Self {
+        let (crm, analytics) = tokio::join!(
+            bounded(read_crm(crm)),
+            bounded(read_analytics(analytics, queue))
+        );
+        Self { crm, analytics }
+    }
+
+    /// The names of the databases that did not answer ("crm", "analytics").
+    pub fn unreachable(&self) -> Vec<&'static str> {
+        let mut names = Vec::new();
+        if self.crm.is_err() {
+            names.push("crm");
+        }
+        if self.analytics.is_err() {
+            names.push("analytics");
+        }
+        names
+    }
+
+    /// The whole status, or an error naming each database that did not answer.
+    pub fn into_status(self) -> anyhow::Result<Status> {
+        match (self.crm, self.analytics) {
+            (Ok(lag), Ok(analytics)) => Ok(Status {
+                outbox_lag: lag.events,
+                outbox_lag_estimated: lag.estimated,
+                queue_depth: analytics.queue_depth,
+                failed_events: analytics.failed_events,
+                latency_ms: analytics.latency_ms,
+            }),
+            (crm, analytics) => {
+                let mut problems = Vec::new();
+                if let Err(error) = crm {
+                    problems.push(format!("the CRM database is unreachable: {error}"));
+                }
+                if let Err(error) = analytics {
+                    problems.push(format!("the analytics database is unreachable: {error}"));
+                }
+                Err(anyhow::anyhow!(problems.join("; ")))
+            }
+        }
+    }
+}
+
+async fn bounded<T>(
+    read: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> Result<T, String> {
+    match tokio::time::timeout(READ_TIMEOUT, read).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(error)) => Err(format!("{error:#}")),
+        Err(_) => Err(format!("no answer within {READ_TIMEOUT:?}")),
+    }
+}
+
+/// Both databases' monitoring points; fails naming the database that did not answer.
+pub async fn read(crm: &PgPool, analytics: &PgPool, queue: &dyn Queue) -> anyhow::Result<Status> {
+    Report::read(crm, analytics, queue).await.into_status()
+}
+
+/// p50 and p99 from (bucket, count) pairs, to within the bucket width (2 %): the rank's
+/// position inside its bucket is interpolated geometrically between the bucket's bounds,
+/// rounded to 0.1 ms.
 pub fn percentiles(histogram: &[(i32, i64)]) -> Option<Latency> {
     let total: i64 = histogram.iter().map(|(_, n)| n).sum();
     if total <= 0 {
         return None;
     }
+    let mut sorted = histogram.to_vec();
+    sorted.sort_by(|a, b| {
+        let (a, b) = (latency_bucket_bounds(a.0).1, latency_bucket_bounds(b.0).1);
+        a.total_cmp(&b)
+    });
     let at = |quantile: f64| {
         let rank = (quantile * total as f64).ceil().max(1.0) as i64;
         let mut seen = 0;
-        for (bucket, n) in histogram {
-            seen += n;
-            if seen >= rank {
-                return (1.25f64.powi(*bucket) * 10.0).round() / 10.0;
+        for (bucket, n) in &sorted {
+            if *n <= 0 {
+                continue;
             }
+            if seen + n >= rank {
+                let (lower, upper) = latency_bucket_bounds(*bucket);
+                // The k-th of n events in (lower, upper] sits at the k/n point of the bucket.
+                let fraction = (rank - seen) as f64 / *n as f64;
+                let value = lower * (upper / lower).powf(fraction);
+                return (value * 10.0).round() / 10.0;
+            }
+            seen += n;
         }
         0.0
     };
@@ -85,7 +218,65 @@ mod tests {
         assert!((10.0..=12.5).contains(&latency.p50), "{latency:?}");
         assert!((10.0..=12.5).contains(&latency.p99), "{latency:?}");
         let latency = percentiles(&[(fast, 98), (slow, 2)]).unwrap();
-        assert!((500.0..=625.0).contains(&latency.p99), "{latency:?}");
-        assert_eq!(latency_bucket(0.2), 0);
+        // Within 2 % of 500 ms (the upper bound of a 25 % bucket used to say 596 ms).
+        assert!((490.0..=510.0).contains(&latency.p99), "{latency:?}");
+        // Sub-millisecond latencies are told apart too.
+        assert!(latency_bucket(0.2) < latency_bucket(0.5));
+        assert!(latency_bucket(0.5) < latency_bucket(1.0));
+    }
+
+    /// Exact percentiles of a sorted sample, by the same nearest-rank definition.
+    fn exact(sorted: &[f64], quantile: f64) -> f64 {
+        let rank = (quantile * sorted.len() as f64).ceil().max(1.0) as usize;
+        sorted[rank - 1]
+    }
+
+    #[test]
+    fn percentiles_are_within_two_percent_of_the_samples() {
+        // Deterministic samples: a narrow cluster (the case a 25 % bucket reported as its
+        // upper bound got wrong run after run), a wide spread, and a long tail.
+        let cluster: Vec<f64> = (0..1000).map(|i| 10.2 + (i % 37) as f64 * 0.01).collect();
+        let spread: Vec<f64> = (0..5000)
+            .map(|i| 1.0 + (i as f64 * 0.7919) % 200.0)
+            .collect();
+        let tail: Vec<f64> = (0..2000)
+            .map(|i| {
+                if i % 50 == 0 {
+                    900.0 + i as f64
+                } else {
+                    3.0 + (i % 13) as f64 * 0.37
+                }
+            })
+            .collect();
+        for mut samples in [cluster, spread, tail] {
+            samples.sort_by(f64::total_cmp);
+            let mut buckets = std::collections::BTreeMap::<i32, i64>::new();
+            for ms in &samples {
+                *buckets.entry(latency_bucket(*ms)).or_default() += 1;
+            }
+            let histogram: Vec<(i32, i64)> = buckets.into_iter().collect();
+            let latency = percentiles(&histogram).unwrap();
+            for (got, quantile) in [(latency.p50, 0.50), (latency.p99, 0.99)] {
+                let want = exact(&samples, quantile);
+                let error = (got - want).abs() / want;
+                // 2 % of bucket width plus the 0.1 ms rounding.
+                assert!(
+                    error <= 0.02 + 0.05 / want,
+                    "p{}: {got} ms for {want} ms ({:.2} %)",
+                    quantile * 100.0,
+                    error * 100.0
+                );
+            }
+        }
+        // The 10.2-10.56 ms cluster no longer reads as 11.6 ms.
+        let cluster = percentiles(&[(latency_bucket(10.3), 600), (latency_bucket(10.5), 400)]);
+        assert!(cluster.is_some_and(|l| (10.1..=10.6).contains(&l.p50)));
+    }
+
+    #[test]
+    fn buckets_of_earlier_versions_read_as_their_upper_bound() {
+        // Bucket 10 of the 25 % histogram: (7.45, 9.31] ms.
+        let latency = percentiles(&[(10, 7)]).unwrap();
+        assert_eq!(latency.p50, 9.3);
     }
 }

@@ -149,13 +149,11 @@ async fn readyz(State(state): State<AppState>) -> Result<Json<serde_json::Value>
     Ok(Json(serde_json::json!({ "status": "ready" })))
 }
 
-/// Prometheus text format; the backlog gauges are read from the databases at each scrape.
+/// Prometheus text format; the backlog gauges are read from the databases at each scrape,
+/// each database on its own (the outbox lag keeps moving while analytics is down).
 async fn prometheus(State(state): State<AppState>) -> Response {
-    if let Ok(status) = crate::status::read(&state.crm, &state.analytics, &*state.queue).await {
-        metrics::gauge!("crm_analytics_outbox_lag").set(status.outbox_lag as f64);
-        metrics::gauge!("crm_analytics_queue_depth").set(status.queue_depth as f64);
-        metrics::gauge!("crm_analytics_failed_events").set(status.failed_events as f64);
-    }
+    let report = crate::status::Report::read(&state.crm, &state.analytics, &*state.queue).await;
+    crate::telemetry::metrics::status_read(&report);
     let body = crate::telemetry::metrics::prometheus().render();
     (
         StatusCode::OK,

@@ -83,14 +83,24 @@ pub struct LatencyMs {
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Health {
-    /// Events committed in the CRM, not yet handed to the queue.
-    pub outbox_lag: u64,
-    /// Events in the queue, waiting or being applied.
-    pub queue_depth: u64,
-    /// Events parked in failed_events.
-    pub failed_events: u64,
+    /// Events committed in the CRM, not yet handed to the queue (null: CRM unreachable).
+    pub outbox_lag: Option<u64>,
+    /// Events in the queue, waiting or being applied (null: analytics unreachable).
+    pub queue_depth: Option<u64>,
+    /// Events parked in failed_events (null: analytics unreachable).
+    pub failed_events: Option<u64>,
     /// Commit-to-applied latency over the last five minutes; null without events.
     pub latency_ms: LatencyMs,
+    /// Whether each database answered: "up" or "unreachable".
+    pub databases: DatabaseStates,
+    /// Which databases are unreachable (the response is then a 503); null when none.
+    pub detail: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DatabaseStates {
+    pub crm: &'static str,
+    pub analytics: &'static str,
 }
 
 macro_rules! page {

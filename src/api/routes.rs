@@ -2,7 +2,7 @@
 //! aggregate table with bound parameters, ordered by the table's key columns.
 
 use axum::extract::{RawQuery, State};
-use axum::http::{HeaderMap, Uri};
+use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::Json;
 use chrono::NaiveDate;
 use rust_decimal::Decimal;
@@ -359,19 +359,43 @@ pub async fn event_counts(
     }))
 }
 
-/// Pipeline health: the original design's monitoring points.
+/// Pipeline health: the original design's monitoring points, and which database is
+/// unreachable (503) when one is.
 #[utoipa::path(get, path = "/api/health/",
-    responses((status = 200, body = Health), (status = 401, body = ErrorDetail)),
+    responses((status = 200, body = Health), (status = 401, body = ErrorDetail),
+              (status = 503, description = "a database is unreachable; the other's numbers are still given", body = Health)),
     security(("bearer" = [])))]
-pub async fn health(State(state): State<AppState>) -> Result<Json<Health>, ApiError> {
-    let status = crate::status::read(&state.crm, &state.analytics, &*state.queue).await?;
-    Ok(Json(Health {
-        outbox_lag: status.outbox_lag,
-        queue_depth: status.queue_depth,
-        failed_events: status.failed_events,
+pub async fn health(State(state): State<AppState>) -> (StatusCode, Json<Health>) {
+    let report = crate::status::Report::read(&state.crm, &state.analytics, &*state.queue).await;
+    let state_of = |up: bool| if up { "up" } else { "unreachable" };
+    let unreachable = report.unreachable();
+    let analytics = report.analytics.as_ref().ok();
+    let latency = analytics.and_then(|a| a.latency_ms.as_ref());
+    let health = Health {
+        outbox_lag: report.crm.as_ref().ok().map(|lag| lag.events),
+        queue_depth: analytics.map(|a| a.queue_depth),
+        failed_events: analytics.map(|a| a.failed_events),
         latency_ms: LatencyMs {
-            p50: status.latency_ms.as_ref().map(|l| l.p50),
-            p99: status.latency_ms.as_ref().map(|l| l.p99),
+            p50: latency.map(|l| l.p50),
+            p99: latency.map(|l| l.p99),
         },
-    }))
+        databases: DatabaseStates {
+            crm: state_of(report.crm.is_ok()),
+            analytics: state_of(report.analytics.is_ok()),
+        },
+        detail: (!unreachable.is_empty())
+            .then(|| format!("unreachable database: {}", unreachable.join(", "))),
+    };
+    if let Err(error) = &report.crm {
+        tracing::debug!(%error, "health: the CRM database is unreachable");
+    }
+    if let Err(error) = &report.analytics {
+        tracing::debug!(%error, "health: the analytics database is unreachable");
+    }
+    let status = if unreachable.is_empty() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(health))
 }

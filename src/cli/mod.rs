@@ -236,25 +236,93 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             crate::api::serve(server.listen, state, options, shutdown).await?
         }
         Command::Status { json } => {
-            let crm = crate::db::connect(db.crm_url()?, db.crm_setting(), 2).await?;
+            // Each database on its own: one being down must not hide the other's numbers.
+            let crm = crate::db::connect(db.crm_url()?, db.crm_setting(), 2).await;
             let analytics =
-                crate::db::connect(db.analytics_url()?, db.analytics_setting(), 4).await?;
-            require_installed(db, Some(&crm), Some(&analytics)).await?;
-            let queue = PostgresQueue::connect(analytics.clone(), u64::MAX).await?;
-            let status = crate::status::read(&crm, &analytics, &queue).await?;
+                crate::db::connect(db.analytics_url()?, db.analytics_setting(), 4).await;
+            // Reachable but not migrated: one sentence saying so, not two half-reports.
+            require_installed(db, crm.as_ref().ok(), analytics.as_ref().ok()).await?;
+            let analytics = match analytics {
+                Ok(pool) => PostgresQueue::connect(pool.clone(), u64::MAX)
+                    .await
+                    .map(|queue| (pool, queue))
+                    .map_err(anyhow::Error::from),
+                Err(error) => Err(error),
+            };
+            let report = match (&crm, &analytics) {
+                (Ok(crm), Ok((pool, queue))) => crate::status::Report::read(crm, pool, queue).await,
+                (crm, analytics) => crate::status::Report {
+                    crm: match crm {
+                        Ok(pool) => crate::status::read_crm(pool)
+                            .await
+                            .map_err(|e| format!("{e:#}")),
+                        Err(error) => Err(format!("{error:#}")),
+                    },
+                    analytics: match analytics {
+                        Ok((pool, queue)) => crate::status::read_analytics(pool, queue)
+                            .await
+                            .map_err(|e| format!("{e:#}")),
+                        Err(error) => Err(format!("{error:#}")),
+                    },
+                },
+            };
+            let settings = [
+                ("crm", db.crm_setting(), report.crm.as_ref().err()),
+                (
+                    "analytics",
+                    db.analytics_setting(),
+                    report.analytics.as_ref().err(),
+                ),
+            ];
             if json {
-                println!("{}", serde_json::to_string_pretty(&status)?);
-            } else {
-                println!("outbox lag     {} events", status.outbox_lag);
-                println!("queue depth    {} events", status.queue_depth);
-                println!("failed events  {}", status.failed_events);
-                match status.latency_ms {
-                    Some(l) => println!(
-                        "latency        p50 {} ms, p99 {} ms (last 5 minutes)",
-                        l.p50, l.p99
-                    ),
-                    None => println!("latency        no events in the last 5 minutes"),
+                let mut value = serde_json::json!({
+                    "outbox_lag": report.crm.as_ref().ok().map(|l| l.events),
+                    "outbox_lag_estimated": report.crm.as_ref().ok().map(|l| l.estimated),
+                    "queue_depth": report.analytics.as_ref().ok().map(|a| a.queue_depth),
+                    "failed_events": report.analytics.as_ref().ok().map(|a| a.failed_events),
+                    "latency_ms": report.analytics.as_ref().ok().and_then(|a| a.latency_ms.clone()),
+                });
+                for (name, _, error) in &settings {
+                    value["databases"][name] = serde_json::json!(match error {
+                        None => "up",
+                        Some(_) => "unreachable",
+                    });
                 }
+                println!("{}", serde_json::to_string_pretty(&value)?);
+            } else {
+                match &report.crm {
+                    Ok(lag) if lag.estimated => {
+                        println!("outbox lag     about {} events (estimate)", lag.events)
+                    }
+                    Ok(lag) => println!("outbox lag     {} events", lag.events),
+                    Err(_) => println!("outbox lag     unknown"),
+                }
+                match &report.analytics {
+                    Ok(a) => {
+                        println!("queue depth    {} events", a.queue_depth);
+                        println!("failed events  {}", a.failed_events);
+                        match &a.latency_ms {
+                            Some(l) => println!(
+                                "latency        p50 {} ms, p99 {} ms (last 5 minutes)",
+                                l.p50, l.p99
+                            ),
+                            None => println!("latency        no events in the last 5 minutes"),
+                        }
+                    }
+                    Err(_) => println!(
+                        "queue depth    unknown\nfailed events  unknown\nlatency        unknown"
+                    ),
+                }
+            }
+            let mut down = false;
+            for (name, setting, error) in settings {
+                if let Some(error) = error {
+                    eprintln!("error: the {name} database ({setting}) is unreachable: {error}");
+                    down = true;
+                }
+            }
+            if down {
+                return Ok(ExitCode::from(2));
             }
         }
         Command::Failed { action } => {

@@ -1,7 +1,7 @@
 //! Metrics: the Prometheus recorder and one function per telemetry event, so that the
 //! pipeline's logic says what happened and this file alone decides how it is measured.
 
-use metrics::{counter, histogram};
+use metrics::{counter, gauge, histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -78,4 +78,24 @@ pub fn archive_written(objects: usize) {
 
 pub fn events_relayed(n: usize) {
     counter!("crm_analytics_events_relayed_total").increment(n as u64);
+}
+
+/// The databases' monitoring points as last read: a gauge per database says whether it
+/// answered (1) or not (0); the gauges of a database that did not answer keep their value.
+pub fn status_read(report: &crate::status::Report) {
+    match &report.crm {
+        Ok(lag) => {
+            gauge!("crm_analytics_database_up", "database" => "crm").set(1.0);
+            gauge!("crm_analytics_outbox_lag").set(lag.events as f64);
+        }
+        Err(_) => gauge!("crm_analytics_database_up", "database" => "crm").set(0.0),
+    }
+    match &report.analytics {
+        Ok(status) => {
+            gauge!("crm_analytics_database_up", "database" => "analytics").set(1.0);
+            gauge!("crm_analytics_queue_depth").set(status.queue_depth as f64);
+            gauge!("crm_analytics_failed_events").set(status.failed_events as f64);
+        }
+        Err(_) => gauge!("crm_analytics_database_up", "database" => "analytics").set(0.0),
+    }
 }

@@ -20,8 +20,9 @@ pub struct Prepared {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
-    /// The infrastructure failed (connection, deadlock, archive): retry the whole batch
-    /// later without holding any event responsible.
+    /// The infrastructure failed (connection, lock or statement timeout, cancel, resources,
+    /// archive, a missing table): retry the whole batch later without holding any event
+    /// responsible.
     #[error("transient failure: {0}")]
     Transient(String),
     /// Concurrent transactions collided (deadlock, serialization): try again at once.
@@ -32,18 +33,58 @@ pub enum ApplyError {
     Rejected(String),
 }
 
+/// What a retry can do about an error with this SQLSTATE.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// Concurrent transactions collided: an immediate retry usually succeeds.
+    Conflict,
+    /// The database or its operator is in the way: retry the same batch later.
+    Transient,
+    /// The data itself is refused: isolate the event and, in the end, park it.
+    Rejected,
+}
+
+/// Classifies a SQLSTATE. Only errors that the event's own values can cause (data
+/// exceptions, constraint violations, a trigger that raises) count toward parking; anything
+/// the database, an operator or the schema causes is retried whole, because parking would
+/// take every event of the moment with it.
+pub fn classify(sqlstate: &str) -> ErrorKind {
+    match sqlstate {
+        // 40001 serialization failure, 40P01 deadlock.
+        s if s.starts_with("40") => ErrorKind::Conflict,
+        // 55P03 lock_not_available (lock_timeout, NOWAIT), 55006 object_in_use,
+        // 55000 object_not_in_prerequisite_state: someone else holds the object.
+        s if s.starts_with("55") => ErrorKind::Transient,
+        // 25006 read_only_sql_transaction: a failover left us on a standby for a while.
+        "25006" => ErrorKind::Transient,
+        // 08 connection, 53 resources (disk, memory, connections), 57 operator intervention
+        // (57014 statement_timeout and cancel, shutdown), 58 system/IO errors,
+        // 28 authorization (a rotated password), 42 and 3F schema problems (a dropped or
+        // renamed table, a revoked right): not the event's fault, and fixed by an operator
+        // without touching the events.
+        s if ["08", "53", "57", "58", "28", "42", "3F"]
+            .iter()
+            .any(|class| s.starts_with(class)) =>
+        {
+            ErrorKind::Transient
+        }
+        // 22 data exception, 23 integrity constraint, 44 check option, P0 raise in a
+        // trigger, and anything unknown: the event's values are to blame.
+        _ => ErrorKind::Rejected,
+    }
+}
+
 impl From<sqlx::Error> for ApplyError {
     fn from(error: sqlx::Error) -> Self {
         let code = match &error {
             sqlx::Error::Database(db) => db.code().map(|c| c.to_string()).unwrap_or_default(),
+            // I/O, TLS, protocol, pool timeouts: the connection, never the data.
             _ => return ApplyError::Transient(error.to_string()),
         };
-        // 40: transaction rollback (deadlock, serialization); 53: insufficient resources;
-        // 57: operator intervention (shutdown); 08: connection. Anything else is the data.
-        match &code[..code.len().min(2)] {
-            "40" => ApplyError::Conflict(error.to_string()),
-            "53" | "57" | "08" => ApplyError::Transient(error.to_string()),
-            _ => ApplyError::Rejected(error.to_string()),
+        match classify(&code) {
+            ErrorKind::Conflict => ApplyError::Conflict(error.to_string()),
+            ErrorKind::Transient => ApplyError::Transient(error.to_string()),
+            ErrorKind::Rejected => ApplyError::Rejected(error.to_string()),
         }
     }
 }
@@ -68,12 +109,33 @@ pub struct Applier {
     pub archive: Option<Archive>,
 }
 
-/// Latency histogram bucket of a duration in milliseconds: ceil(log_1.25(ms)).
+/// Growth factor of the latency histogram's buckets: each is 2 % wider than the one
+/// below, so a percentile read from it is off by less than 2 % (see `status::percentiles`).
+pub const LATENCY_BUCKET_GROWTH: f64 = 1.02;
+/// Bucket numbers from here on are 2 % buckets; smaller ones are the 25 % buckets that
+/// earlier versions wrote (ceil(log_1.25(ms))), still read correctly until they age out of
+/// the five-minute window, so old and new workers can run side by side during an upgrade.
+pub const FINE_BUCKET_OFFSET: i32 = 1_000_000;
+/// Latencies at or below this many milliseconds share the lowest bucket.
+const LATENCY_FLOOR_MS: f64 = 0.01;
+
+/// Latency histogram bucket of a duration in milliseconds:
+/// FINE_BUCKET_OFFSET + ceil(log_1.02(ms)); the bucket holds (1.02^(b-1), 1.02^b] ms.
 pub fn latency_bucket(ms: f64) -> i32 {
-    if ms <= 1.0 {
-        0
+    let ms = if ms.is_finite() { ms } else { 0.0 }.max(LATENCY_FLOOR_MS);
+    FINE_BUCKET_OFFSET + (ms.ln() / LATENCY_BUCKET_GROWTH.ln()).ceil() as i32
+}
+
+/// The range of milliseconds a stored bucket stands for, (lower, upper].
+pub fn latency_bucket_bounds(bucket: i32) -> (f64, f64) {
+    if bucket >= FINE_BUCKET_OFFSET / 2 {
+        let upper = LATENCY_BUCKET_GROWTH.powi(bucket - FINE_BUCKET_OFFSET);
+        (upper / LATENCY_BUCKET_GROWTH, upper)
     } else {
-        (ms.ln() / 1.25f64.ln()).ceil() as i32
+        // A 25 % bucket of an earlier version: reported by its upper bound, as that
+        // version did (they age out of the window within five minutes of an upgrade).
+        let upper = 1.25f64.powi(bucket);
+        (upper, upper)
     }
 }
 
@@ -159,5 +221,29 @@ impl Applier {
             fresh: seen.len(),
             duplicates: events.len() - seen.len(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_errors_of_the_data_count_toward_parking() {
+        // lock_timeout, NOWAIT, object in use, statement timeout/cancel, shutdown,
+        // connection, resources, IO, read-only standby, authorization, missing table.
+        for code in [
+            "55P03", "55006", "55000", "57014", "57P01", "08006", "53300", "53100", "58030",
+            "25006", "28P01", "42P01", "42501", "3F000",
+        ] {
+            assert_eq!(classify(code), ErrorKind::Transient, "{code}");
+        }
+        for code in ["40001", "40P01"] {
+            assert_eq!(classify(code), ErrorKind::Conflict, "{code}");
+        }
+        // numeric overflow, invalid datetime, check/not-null/unique violation, RAISE.
+        for code in ["22003", "22008", "23514", "23502", "23505", "P0001", ""] {
+            assert_eq!(classify(code), ErrorKind::Rejected, "{code}");
+        }
     }
 }

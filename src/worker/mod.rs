@@ -2,7 +2,9 @@
 //!
 //! Owns the worker pool loop, the per-batch decision (decode, apply, isolate a failing event
 //! by splitting the batch, retry with exponential backoff and jitter, park after the last
-//! attempt) and the failed-events operations. One bad event never blocks the others.
+//! attempt) and the failed-events operations. One bad event never blocks the others;
+//! transient failures (timeouts, locks, connections) retry the batch whole and never
+//! count toward parking.
 
 pub mod apply;
 pub mod failed;
@@ -93,14 +95,24 @@ async fn work(
         };
         match outcome {
             Ok(report) => {
+                if failures > 0 {
+                    tracing::info!(worker, failed_attempts = failures, "batches apply again");
+                }
                 failures = 0;
                 tracing::debug!(worker, ?report, "batch done");
             }
             Err(error) => {
-                // The batch was not settled: its events go back to the queue untouched.
+                // The batch was not settled: its events go back to the queue untouched, and
+                // their attempts do not count toward parking (the events are not to blame).
                 failures = failures.saturating_add(1);
-                let pause = backoff(config.retry_backoff, failures);
-                tracing::warn!(worker, %error, pause_ms = pause.as_millis() as u64, "batch failed; will retry");
+                let pause = backoff(config.retry_backoff, failures).min(TRANSIENT_PAUSE_CAP);
+                // A long outage (a lock held for minutes) logs its first failure and then
+                // every tenth, not one warning per worker and attempt.
+                if failures == 1 || failures % 10 == 0 {
+                    tracing::warn!(worker, %error, failed_attempts = failures, pause_ms = pause.as_millis() as u64, "batch failed; will retry it whole");
+                } else {
+                    tracing::debug!(worker, %error, failed_attempts = failures, pause_ms = pause.as_millis() as u64, "batch failed; will retry it whole");
+                }
                 tokio::select! {
                     _ = shutdown.cancelled() => {}
                     _ = tokio::time::sleep(pause) => {}
@@ -109,6 +121,10 @@ async fn work(
         }
     }
 }
+
+/// Longest pause after a transient failure: recovery is noticed within this time once the
+/// database, lock or operator lets go.
+const TRANSIENT_PAUSE_CAP: Duration = Duration::from_secs(30);
 
 /// Exponential backoff with full jitter: uniform in [base/2, base * 2^(attempt-1)], capped.
 pub fn backoff(base: Duration, attempt: u32) -> Duration {

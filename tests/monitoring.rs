@@ -1,0 +1,159 @@
+//! Monitoring with a database down: /metrics keeps the outbox lag moving and reports which
+//! database is down; /api/health/ and `status` name the unreachable database.
+
+mod common;
+
+use common::{TestDb, TOKEN};
+use crm_analytics::queue::postgres::PostgresQueue;
+use std::process::Command;
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+
+fn gauge(text: &str, line_start: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(line_start))
+        .unwrap_or_else(|| panic!("no {line_start} in /metrics:\n{text}"))
+        .rsplit(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn the_outbox_lag_stays_visible_while_analytics_is_down() {
+    // The CRM in one database, the aggregates and the queue in another.
+    let crm_db = TestDb::create().await;
+    let analytics_db = TestDb::create().await;
+    let crm = crm_db.pool(4).await;
+    let analytics = analytics_db.pool(4).await;
+    crm_analytics::cli::migrate_all(&crm, &analytics, "public", true)
+        .await
+        .unwrap();
+    let queue = PostgresQueue::connect(analytics.clone(), u64::MAX)
+        .await
+        .unwrap();
+    let state = crm_analytics::api::AppState {
+        crm: crm.clone(),
+        analytics: analytics.clone(),
+        queue: Arc::new(queue),
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let stop = CancellationToken::new();
+    let options = crm_analytics::api::ServeOptions {
+        tokens: crm_analytics::api::auth::Tokens::parse(TOKEN),
+        cache_ttl: std::time::Duration::from_secs(1),
+    };
+    let server = tokio::spawn(crm_analytics::api::serve_on(
+        listener,
+        state,
+        options,
+        stop.clone(),
+    ));
+    let scrape = || async {
+        common::client()
+            .get(format!("{base}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    let text = scrape().await;
+    assert_eq!(
+        gauge(&text, "crm_analytics_database_up{database=\"crm\"}"),
+        1.0
+    );
+    assert_eq!(
+        gauge(&text, "crm_analytics_database_up{database=\"analytics\"}"),
+        1.0
+    );
+    assert_eq!(gauge(&text, "crm_analytics_outbox_lag "), 0.0);
+    let (status, health) = common::get_json(&base, "/api/health/").await;
+    assert_eq!(status, 200);
+    assert_eq!(health["databases"]["analytics"], "up");
+
+    // The analytics database goes away; the CRM keeps writing.
+    analytics.close().await;
+    let analytics_name = analytics_db.name.clone();
+    let analytics_url = analytics_db.url.clone();
+    analytics_db.drop_db().await;
+    sqlx::raw_sql("INSERT INTO accounts (name) SELECT 'a' || i FROM generate_series(1, 7) i")
+        .execute(&crm)
+        .await
+        .unwrap();
+
+    let text = scrape().await;
+    assert_eq!(gauge(&text, "crm_analytics_outbox_lag "), 7.0, "{text}");
+    assert_eq!(
+        gauge(&text, "crm_analytics_database_up{database=\"crm\"}"),
+        1.0
+    );
+    assert_eq!(
+        gauge(&text, "crm_analytics_database_up{database=\"analytics\"}"),
+        0.0
+    );
+    let (status, health) = common::get_json(&base, "/api/health/").await;
+    assert_eq!(status, 503, "{health}");
+    assert_eq!(health["databases"]["crm"], "up");
+    assert_eq!(health["databases"]["analytics"], "unreachable");
+    assert_eq!(health["outbox_lag"], 7);
+    assert!(health["queue_depth"].is_null());
+    assert!(
+        health["detail"].as_str().unwrap().contains("analytics"),
+        "{health}"
+    );
+    stop.cancel();
+    let _ = server.await;
+
+    // `status` says the same, and fails.
+    let output = Command::new(common::binary())
+        .arg("status")
+        .env("DATABASE_URL", &crm_db.url)
+        .env("ANALYTICS_DATABASE_URL", &analytics_url)
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr),
+    );
+    assert!(!output.status.success(), "{stdout}{stderr}");
+    assert!(stdout.contains("outbox lag     7 events"), "{stdout}");
+    assert!(
+        stderr.contains("analytics database (ANALYTICS_DATABASE_URL) is unreachable")
+            && stderr.contains(&analytics_name),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("crm database"), "{stderr}");
+    crm_db.finish(crm).await;
+}
+
+#[tokio::test]
+async fn a_large_backlog_is_estimated_without_counting_it() {
+    let (db, pool) = TestDb::migrated().await;
+    sqlx::raw_sql("INSERT INTO accounts (name) SELECT 'a' || i FROM generate_series(1, 1500) i")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let lag = crm_analytics::status::read_crm(&pool).await.unwrap();
+    assert!(lag.estimated, "{lag:?}");
+    assert!(
+        lag.events > crm_analytics::status::EXACT_LAG_LIMIT as u64,
+        "{lag:?}"
+    );
+    sqlx::raw_sql("DELETE FROM crm_analytics.event_outbox WHERE event_id IN (SELECT event_id FROM crm_analytics.event_outbox LIMIT 1000)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let lag = crm_analytics::status::read_crm(&pool).await.unwrap();
+    assert_eq!(
+        lag,
+        crm_analytics::status::OutboxLag {
+            events: 500,
+            estimated: false
+        }
+    );
+    db.finish(pool).await;
+}
