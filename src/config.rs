@@ -80,6 +80,12 @@ pub struct ServerArgs {
     /// bounds staleness only while that notification connection is broken.
     #[arg(long, env = "CRM_ANALYTICS_API_CACHE_TTL", default_value = "1s", value_parser = parse_duration)]
     pub api_cache_ttl: Duration,
+
+    /// The URL clients reach the API at (e.g. https://analytics.example.com, with any path
+    /// prefix a proxy adds): next/previous links are absolute under it. Unset, they are
+    /// relative (path and query); they are never built from a request's Host header.
+    #[arg(long, env = "CRM_ANALYTICS_PUBLIC_URL", value_parser = parse_public_url)]
+    pub public_url: Option<String>,
 }
 
 /// How the pipeline runs.
@@ -160,6 +166,26 @@ impl PipelineArgs {
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(text)
         .map_err(|e| format!("{e}; write a duration such as 500ms, 30s, 5m or 7d"))
+}
+
+/// An http(s) URL without query, fragment or credentials, normalized without a trailing
+/// slash, so that "{url}/api/..." is a well-formed link.
+pub fn parse_public_url(text: &str) -> Result<String, String> {
+    let url = url::Url::parse(text).map_err(|e| format!("{text:?} is not a URL: {e}"))?;
+    let plain = matches!(url.scheme(), "http" | "https")
+        && url.host().is_some()
+        && url.query().is_none()
+        && url.fragment().is_none()
+        && url.username().is_empty()
+        && url.password().is_none();
+    if plain {
+        Ok(url.as_str().trim_end_matches('/').to_string())
+    } else {
+        Err(format!(
+            "{text:?} is not a plain http(s) URL; write scheme, host and an optional path, \
+             e.g. https://analytics.example.com"
+        ))
+    }
 }
 
 /// A plain SQL identifier, so that it can be spliced into DDL safely.
