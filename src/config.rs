@@ -202,3 +202,29 @@ pub fn parse_identifier(text: &str) -> Result<String, String> {
         ))
     }
 }
+
+#[cfg(test)]
+mod public_url_tests {
+    use super::parse_public_url;
+
+    #[test]
+    fn public_urls_are_plain_http_urls_without_a_trailing_slash() {
+        assert_eq!(
+            parse_public_url("https://analytics.example.com/").unwrap(),
+            "https://analytics.example.com"
+        );
+        assert_eq!(
+            parse_public_url("http://10.0.0.5:8080/crm/").unwrap(),
+            "http://10.0.0.5:8080/crm"
+        );
+        for bad in [
+            "analytics.example.com",
+            "ftp://example.com",
+            "https://example.com/?a=b",
+            "https://example.com/#x",
+            "https://user:pw@example.com",
+        ] {
+            assert!(parse_public_url(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -246,3 +246,60 @@ impl Page {
         (next, previous)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn page(query: &str) -> Result<Page, ApiError> {
+        Params::parse(Some(query)).page()
+    }
+
+    #[test]
+    fn links_are_relative_or_under_the_public_url() {
+        let uri: Uri = "/api/event-counts/?table=leads&offset=10&limit=10"
+            .parse()
+            .unwrap();
+        let p = page("limit=10&offset=10").unwrap();
+        let (next, previous) = p.links(100, &uri, &Links::default());
+        assert_eq!(
+            next.as_deref(),
+            Some("/api/event-counts/?table=leads&limit=10&offset=20")
+        );
+        assert_eq!(
+            previous.as_deref(),
+            Some("/api/event-counts/?table=leads&limit=10")
+        );
+        let public = Links::new(Some("https://analytics.example.com/crm/"));
+        let (next, _) = p.links(100, &uri, &public);
+        assert_eq!(
+            next.as_deref(),
+            Some("https://analytics.example.com/crm/api/event-counts/?table=leads&limit=10&offset=20")
+        );
+    }
+
+    #[test]
+    fn offsets_are_bounded_so_links_cannot_overflow() {
+        let uri: Uri = "/api/daily-metrics/".parse().unwrap();
+        assert!(page(&format!("offset={}", i64::MAX)).is_err());
+        assert!(page(&format!("offset={}", MAX_OFFSET + 1)).is_err());
+        let last = page(&format!("limit={}&offset={MAX_OFFSET}", i64::MAX)).unwrap();
+        assert_eq!(last.limit, MAX_LIMIT);
+        let (next, previous) = last.links(i64::MAX, &uri, &Links::default());
+        assert_eq!(next, None, "no link to an offset the server refuses");
+        assert!(previous.is_some());
+    }
+
+    #[test]
+    fn text_filters_refuse_nul_and_overlong_values() {
+        let nul = Params::parse(Some("source=a%00b"));
+        assert!(matches!(nul.text("source"), Err(ApiError::BadRequest(d)) if d.contains("NUL")));
+        let long = format!("source={}", "x".repeat(MAX_TEXT_CHARS + 1));
+        assert!(Params::parse(Some(&long)).text("source").is_err());
+        let odd = Params::parse(Some("source=%ED%A0%80%C0%AF"));
+        assert_eq!(
+            odd.text("source").unwrap(),
+            Some("\u{FFFD}\u{FFFD}\u{FFFD}\u{FFFD}\u{FFFD}")
+        );
+    }
+}
