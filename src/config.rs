@@ -106,6 +106,12 @@ pub struct ServerArgs {
     /// bounds staleness only while that notification connection is broken.
     #[arg(long, env = "CRM_ANALYTICS_API_CACHE_TTL", default_value = "1s", value_parser = parse_duration)]
     pub api_cache_ttl: Duration,
+
+    /// The URL clients reach the API at (e.g. https://analytics.example.com, with any path
+    /// prefix a proxy adds): next/previous links are absolute under it. Unset, they are
+    /// relative (path and query); they are never built from a request's Host header.
+    #[arg(long, env = "CRM_ANALYTICS_PUBLIC_URL", value_parser = parse_public_url)]
+    pub public_url: Option<String>,
 }
 
 /// How the pipeline runs.
@@ -235,6 +241,26 @@ pub fn parse_listen(text: &str) -> Result<std::net::SocketAddr, String> {
     }
 }
 
+/// An http(s) URL without query, fragment or credentials, normalized without a trailing
+/// slash, so that "{url}/api/..." is a well-formed link.
+pub fn parse_public_url(text: &str) -> Result<String, String> {
+    let url = url::Url::parse(text).map_err(|e| format!("{text:?} is not a URL: {e}"))?;
+    let plain = matches!(url.scheme(), "http" | "https")
+        && url.host().is_some()
+        && url.query().is_none()
+        && url.fragment().is_none()
+        && url.username().is_empty()
+        && url.password().is_none();
+    if plain {
+        Ok(url.as_str().trim_end_matches('/').to_string())
+    } else {
+        Err(format!(
+            "{text:?} is not a plain http(s) URL; write scheme, host and an optional path, \
+             e.g. https://analytics.example.com"
+        ))
+    }
+}
+
 /// A plain SQL identifier, so that it can be spliced into DDL safely.
 pub fn parse_identifier(text: &str) -> Result<String, String> {
     let mut chars = text.chars();
@@ -269,6 +295,32 @@ mod tests {
         for bad in ["localhost", "localhost:http", ":8080", "localhost:99999"] {
             let error = parse_listen(bad).expect_err(bad);
             assert!(error.contains("e.g. 127.0.0.1:8080"), "{error}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod public_url_tests {
+    use super::parse_public_url;
+
+    #[test]
+    fn public_urls_are_plain_http_urls_without_a_trailing_slash() {
+        assert_eq!(
+            parse_public_url("https://analytics.example.com/").unwrap(),
+            "https://analytics.example.com"
+        );
+        assert_eq!(
+            parse_public_url("http://10.0.0.5:8080/crm/").unwrap(),
+            "http://10.0.0.5:8080/crm"
+        );
+        for bad in [
+            "analytics.example.com",
+            "ftp://example.com",
+            "https://example.com/?a=b",
+            "https://example.com/#x",
+            "https://user:pw@example.com",
+        ] {
+            assert!(parse_public_url(bad).is_err(), "{bad}");
         }
     }
 }

@@ -228,8 +228,8 @@ async fn pagination_edges() {
     );
     assert_eq!(first["previous"], Value::Null);
     assert_eq!(
-        first["next"],
-        format!("{base}/api/event-counts/?table=projects&limit=100&offset=100")
+        first["next"], "/api/event-counts/?table=projects&limit=100&offset=100",
+        "relative links without a configured public URL"
     );
 
     let (_, capped) = get_json(base, "/api/event-counts/?table=projects&limit=5000").await;
@@ -243,12 +243,11 @@ async fn pagination_edges() {
     assert_eq!(middle["results"][0]["date"], "2020-01-17");
     assert_eq!(
         middle["previous"],
-        format!("{base}/api/event-counts/?table=projects&limit=10&offset=5")
+        "/api/event-counts/?table=projects&limit=10&offset=5"
     );
     let (_, near) = get_json(base, "/api/event-counts/?table=projects&limit=10&offset=10").await;
     assert_eq!(
-        near["previous"],
-        format!("{base}/api/event-counts/?table=projects&limit=10"),
+        near["previous"], "/api/event-counts/?table=projects&limit=10",
         "offset 0 is dropped"
     );
 
@@ -535,6 +534,241 @@ async fn cached_responses_follow_every_commit_to_the_aggregates() {
             );
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
+    }
+    teardown(db, pool, server).await;
+}
+
+/// Next/previous links never come from the request's Host or X-Forwarded-* headers: the
+/// cache shares one answer between clients, so a link built from one client's Host would
+/// send other clients (and the dashboard's bearer token) to that host.
+#[tokio::test]
+async fn links_never_carry_a_host_from_the_request() {
+    let (db, pool, server) = setup().await;
+    let path = "/api/event-counts/?limit=1";
+    let send = |host: &'static str| {
+        common::client()
+            .get(format!("{}{path}", server.base))
+            .bearer_auth(TOKEN)
+            .header("host", host)
+            .header("x-forwarded-proto", "https")
+            .header("x-forwarded-host", host)
+            .send()
+    };
+    let first = send("evil.example").await.unwrap().text().await.unwrap();
+    assert!(!first.contains("evil.example"), "{first}");
+    let second: Value = send("dashboard.example")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(!second.to_string().contains("evil.example"), "{second}");
+    assert!(
+        !second.to_string().contains("dashboard.example"),
+        "{second}"
+    );
+    assert_eq!(second["next"], "/api/event-counts/?limit=1&offset=1");
+    teardown(db, pool, server).await;
+
+    // With a public URL configured, links are absolute under it, whatever Host says.
+    let (db, pool) = TestDb::migrated().await;
+    seed(&pool).await;
+    let server = Server::start_with(&db, true).await;
+    let page: Value = common::client()
+        .get(format!(
+            "{}/api/event-counts/?limit=1&offset=1",
+            server.base
+        ))
+        .bearer_auth(TOKEN)
+        .header("host", "evil.example")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        page["next"],
+        format!("{}/api/event-counts/?limit=1&offset=2", server.base)
+    );
+    assert_eq!(
+        page["previous"],
+        format!("{}/api/event-counts/?limit=1", server.base)
+    );
+    let all = common::get_all(&server.base, "/api/event-counts/?limit=1").await;
+    assert_eq!(all.len(), 3, "following absolute links visits every row");
+    teardown(db, pool, server).await;
+}
+
+/// Offsets are bounded, so offset + limit never overflows (a panic in debug builds, a
+/// negative link in release builds).
+#[tokio::test]
+async fn offset_is_bounded_and_links_never_overflow() {
+    let (db, pool, server) = setup().await;
+    let max = crm_analytics::api::query::MAX_OFFSET;
+    for offset in [
+        i64::MAX.to_string(),
+        (i64::MAX - 1).to_string(),
+        (i64::MAX - 999).to_string(),
+        (max + 1).to_string(),
+    ] {
+        for path in [
+            "/api/daily-metrics/",
+            "/api/funnel-metrics/",
+            "/api/revenue-metrics/",
+            "/api/event-counts/",
+        ] {
+            let (status, body) =
+                get_json(&server.base, &format!("{path}?limit=1000&offset={offset}")).await;
+            assert_eq!(status, 400, "{path} offset={offset}: {body}");
+            let detail = body["detail"].as_str().unwrap_or_default();
+            assert!(
+                detail.contains("offset") && detail.contains(&max.to_string()),
+                "{detail}"
+            );
+        }
+    }
+    let (status, last) = get_json(
+        &server.base,
+        &format!("/api/event-counts/?limit=1000&offset={max}"),
+    )
+    .await;
+    assert_eq!(status, 200, "{last}");
+    assert_eq!(last["results"], json!([]));
+    assert_eq!(last["next"], Value::Null);
+    assert_eq!(
+        last["previous"],
+        format!("/api/event-counts/?limit=1000&offset={}", max - 1000)
+    );
+    teardown(db, pool, server).await;
+}
+
+/// Values PostgreSQL text cannot hold, or that are not UTF-8, or huge, get a 400 that says
+/// why (or an empty page), never a 5xx.
+#[tokio::test]
+async fn nul_bytes_broken_utf8_and_huge_values_never_get_a_5xx() {
+    let (db, pool, server) = setup().await;
+    let nul_cases = [
+        ("/api/funnel-metrics/?source=web%00", "source"),
+        ("/api/funnel-metrics/?source=%00", "source"),
+        ("/api/daily-metrics/?date=2026-03-01%00", "date"),
+        ("/api/daily-metrics/?account_id=%00", "account_id"),
+        ("/api/revenue-metrics/?from=2026-03%00", "from"),
+        ("/api/event-counts/?table=leads%00", "table"),
+        ("/api/event-counts/?limit=1%00", "limit"),
+    ];
+    for (path, name) in nul_cases {
+        let (status, body) = get_json(&server.base, path).await;
+        assert_eq!(status, 400, "{path}: {body}");
+        let detail = body["detail"].as_str().unwrap_or_default();
+        assert!(detail.contains(name), "{path}: {detail}");
+    }
+    let (_, body) = get_json(&server.base, "/api/funnel-metrics/?source=a%00b").await;
+    assert!(
+        body["detail"].as_str().unwrap_or_default().contains("NUL"),
+        "{body}"
+    );
+    // Lone surrogates and overlong forms are not UTF-8: they decode to U+FFFD, match nothing.
+    for encoded in [
+        "%ED%A0%80",
+        "%ED%BF%BF",
+        "%C0%AF",
+        "%C0%80",
+        "%E0%80%AF",
+        "%FF%FE",
+    ] {
+        let path = format!("/api/funnel-metrics/?source=web{encoded}");
+        let (status, body) = get_json(&server.base, &path).await;
+        assert_eq!(status, 200, "{path}: {body}");
+        assert_eq!(body["count"], 0, "{path}");
+    }
+    let long = "w".repeat(20_000);
+    let (status, body) =
+        get_json(&server.base, &format!("/api/funnel-metrics/?source={long}")).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body["detail"].as_str().unwrap().len() < 200, "{body}");
+    // 100 KB: longer than an HTTP request target may be; the server refuses it itself.
+    let huge = "w".repeat(100_000);
+    for path in ["/api/funnel-metrics/?source=", "/api/daily-metrics/?date="] {
+        let status = common::raw_get_status(&server.base, &format!("{path}{huge}")).await;
+        assert!((400..500).contains(&status), "{path}…: {status}");
+    }
+    teardown(db, pool, server).await;
+}
+
+/// The document states what the server accepts (schemathesis checks the rest in CI, see
+/// .ci/schemathesis): bounds of limit and offset, formats of dates, months and uuids, the
+/// tables `table` names, text without NUL, and that an empty value counts as absent.
+#[tokio::test]
+async fn openapi_document_declares_what_the_server_accepts() {
+    let (db, pool, server) = setup().await;
+    let doc: Value = common::client()
+        .get(format!("{}/api/openapi.json", server.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let max_offset = crm_analytics::api::query::MAX_OFFSET;
+    for path in [
+        "/api/daily-metrics/",
+        "/api/funnel-metrics/",
+        "/api/revenue-metrics/",
+        "/api/event-counts/",
+    ] {
+        for parameter in doc["paths"][path]["get"]["parameters"].as_array().unwrap() {
+            let name = parameter["name"].as_str().unwrap();
+            let schema = &parameter["schema"];
+            assert_eq!(parameter["allowEmptyValue"], true, "{path} {name}");
+            let expected = match (path, name) {
+                (_, "limit") => {
+                    json!({"type": "integer", "format": "int64", "minimum": 1, "maximum": i64::MAX})
+                }
+                (_, "offset") => {
+                    json!({"type": "integer", "format": "int64", "minimum": 0, "maximum": max_offset})
+                }
+                ("/api/revenue-metrics/", "from" | "to") => {
+                    json!({"type": "string", "pattern": "^[0-9]{4}-(0[1-9]|1[0-2])$"})
+                }
+                (_, "date" | "from" | "to") => json!({"type": "string", "format": "date"}),
+                (_, "account_id") => json!({"type": "string", "format": "uuid"}),
+                (_, "source") => {
+                    json!({"type": "string", "maxLength": 10000, "pattern": "^[^\\x00]*$"})
+                }
+                (_, "table") => json!(["accounts", "leads", "projects", "activities"]),
+                _ => panic!("{path}: undeclared parameter {name}"),
+            };
+            if name == "table" {
+                assert_eq!(schema["enum"], expected, "{path} {name}");
+            } else {
+                assert_eq!(schema, &expected, "{path} {name}");
+            }
+        }
+    }
+    // What the document allows, the server accepts, at the edges.
+    for path in [
+        "/api/daily-metrics/?limit=9223372036854775807&offset=1000000000000&account_id=00000000-0000-0000-0000-00000000000A",
+        "/api/revenue-metrics/?from=0000-01&to=9999-12&limit=&offset=",
+        "/api/event-counts/?from=0001-01-01&to=9999-12-31&table=activities",
+        "/api/funnel-metrics/?source=%E2%9C%93%F0%9F%98%80",
+    ] {
+        let (status, body) = get_json(&server.base, path).await;
+        assert_eq!(status, 200, "{path}: {body}");
+    }
+    // What it does not, the server refuses.
+    for path in [
+        "/api/daily-metrics/?limit=-9223372036854775808",
+        "/api/daily-metrics/?limit=+5",
+        "/api/daily-metrics/?date=2026-3-1",
+        "/api/daily-metrics/?date=+2026-03-01",
+        "/api/daily-metrics/?account_id=0000000000000000000000000000000a",
+        "/api/daily-metrics/?account_id={00000000-0000-0000-0000-00000000000a}",
+        "/api/revenue-metrics/?from=2026-3",
+        "/api/revenue-metrics/?from=2026-13",
+    ] {
+        let (status, body) = get_json(&server.base, path).await;
+        assert_eq!(status, 400, "{path}: {body}");
     }
     teardown(db, pool, server).await;
 }

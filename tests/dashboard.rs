@@ -76,11 +76,24 @@ async fn the_dashboard_shows_what_the_api_returns() {
     };
     let (db, pool) = TestDb::migrated().await;
     common::workload_through_pipeline(&db, &pool, 2, 250, 5).await;
+    let to = chrono::Utc::now().date_naive();
+    let from = to - chrono::Duration::days(89);
+    // Over 1,000 daily rows in range, so that the page must follow `next` (a relative link)
+    // to count them all; each adds one deal and 1.00 of revenue to the tiles.
+    sqlx::query(
+        "INSERT INTO analytics.daily_account_metrics
+             (account_id, date, leads_created, leads_converted, activities, deals_won, revenue_won)
+         SELECT ('ffffffff-ffff-ffff-ffff-' || lpad(a::text, 12, '0'))::uuid, d::date, 0, 0, 1, 1, 1.00
+         FROM generate_series(1, 12) a, generate_series($1::date, $2::date, interval '1 day') d",
+    )
+    .bind(from)
+    .bind(to)
+    .execute(&pool)
+    .await
+    .unwrap();
     let server = Server::start(&db).await;
 
     // What the page should show for its default range, the last 90 days (UTC), from the API.
-    let to = chrono::Utc::now().date_naive();
-    let from = to - chrono::Duration::days(89);
     let funnel = common::get_all(
         &server.base,
         &format!("/api/funnel-metrics/?from={from}&to={to}&limit=1000"),
@@ -113,6 +126,7 @@ async fn the_dashboard_shows_what_the_api_returns() {
         total > 50 && sum(&daily, "deals_won") > 5,
         "enough data to show"
     );
+    assert!(daily.len() > 1000, "more than one page of daily rows");
 
     let profile = std::env::temp_dir().join(format!("chromium-{}", db.name));
     let url = format!("{}/#token={}", server.base, common::TOKEN);
@@ -149,6 +163,30 @@ async fn the_dashboard_shows_what_the_api_returns() {
         health["failed_events"].to_string()
     );
     assert!(!value_of(&dom, "health-p50").is_empty() && !value_of(&dom, "health-p99").is_empty());
+    // The monthly bars cover the tile's range, not whole months: they add up to the tile.
+    let bars: rust_decimal::Decimal = dom
+        .split("<rect class=\"b\"")
+        .skip(1)
+        .map(|rect| {
+            let value = rect.split("data-value=\"").nth(1).unwrap_or_default();
+            value
+                .split('"')
+                .next()
+                .unwrap_or_default()
+                .parse::<rust_decimal::Decimal>()
+                .unwrap()
+        })
+        .sum();
+    assert_eq!(
+        bars, revenue,
+        "the revenue bars add up to the Revenue won tile"
+    );
+    let range = format!("closed {from} – {to}");
+    assert!(dom.contains(&range), "the tiles name their range: {range}");
+    assert!(
+        dom.contains("Bars add up to Revenue won"),
+        "the chart says what it covers"
+    );
     let revenue_bars = dom.matches("<rect class=\"b\"").count();
     let activity_bars = dom.matches("<rect class=\"a\"").count();
     assert!(

@@ -44,6 +44,7 @@ async fn the_outbox_lag_stays_visible_while_analytics_is_down() {
     let options = crm_analytics::api::ServeOptions {
         tokens: crm_analytics::api::auth::Tokens::parse(TOKEN),
         cache_ttl: std::time::Duration::from_secs(1),
+        public_url: None,
     };
     let server = tokio::spawn(crm_analytics::api::serve_on(
         listener,

@@ -7,6 +7,10 @@
 //! served only while the epoch is unchanged, so an answer that might predate a commit is
 //! never served after that commit's notification. The time-to-live bounds staleness when
 //! notifications are lost (the listening connection broke and has not come back yet).
+//!
+//! The key is the path and query alone: an answer depends on nothing else of the request
+//! (next/previous links are relative or under the configured public URL, never built from
+//! Host or X-Forwarded-*), so one client's answer is right for every other.
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};

@@ -17,7 +17,7 @@ use axum::extract::State;
 use axum::http::{header, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::{middleware, Json, Router};
+use axum::{middleware, Extension, Json, Router};
 use sqlx::PgPool;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -30,6 +30,7 @@ use crate::queue::Queue;
 use auth::Tokens;
 use cache::ResponseCache;
 use error::ApiError;
+use query::Links;
 
 /// What a server needs besides its connections.
 #[derive(Clone)]
@@ -38,6 +39,8 @@ pub struct ServeOptions {
     /// Longest time a cached metric response is served (0: no cache); a commit that changes
     /// the aggregates outdates it at once.
     pub cache_ttl: Duration,
+    /// Scheme, host and path prefix for absolute next/previous links; `None`: relative links.
+    pub public_url: Option<String>,
 }
 
 impl ServeOptions {
@@ -45,6 +48,7 @@ impl ServeOptions {
         Self {
             tokens: Tokens::parse(&server.api_tokens),
             cache_ttl: server.api_cache_ttl,
+            public_url: server.public_url.clone(),
         }
     }
 }
@@ -94,7 +98,14 @@ const API_ROUTES: [&str; 5] = [
     "/api/health/",
 ];
 
-pub fn router(state: AppState, tokens: Tokens, cache: Option<ResponseCache>) -> Router {
+/// The whole server. Responses depend on the URL, the configuration and the aggregates only,
+/// never on other request headers: that is what lets the cache share them between clients.
+pub fn router(
+    state: AppState,
+    tokens: Tokens,
+    cache: Option<ResponseCache>,
+    links: Links,
+) -> Router {
     // route_layer wraps the routes added before it: the cache sits inside the token check.
     let api = Router::new()
         .route(API_ROUTES[0], get(routes::daily_metrics))
@@ -112,6 +123,7 @@ pub fn router(state: AppState, tokens: Tokens, cache: Option<ResponseCache>) -> 
         .route("/metrics", get(prometheus))
         .route("/", get(crate::dashboard::page))
         .fallback(fallback)
+        .layer(Extension(links))
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(state)
 }
@@ -133,8 +145,32 @@ async fn fallback(uri: Uri) -> Response {
     ApiError::NotFound.into_response()
 }
 
-async fn openapi() -> Json<utoipa::openapi::OpenApi> {
-    Json(ApiDoc::openapi())
+async fn openapi() -> Json<serde_json::Value> {
+    static DOCUMENT: std::sync::OnceLock<serde_json::Value> = std::sync::OnceLock::new();
+    Json(DOCUMENT.get_or_init(document).clone())
+}
+
+/// The OpenAPI document as served. Every filter takes an empty value as absent (DRF's
+/// convention, what a form with a blank field sends); utoipa has no attribute for OpenAPI's
+/// `allowEmptyValue`, so it is added to each query parameter here.
+pub fn document() -> serde_json::Value {
+    let mut doc = serde_json::to_value(ApiDoc::openapi()).unwrap_or_default();
+    if let Some(paths) = doc.get_mut("paths").and_then(|p| p.as_object_mut()) {
+        for operation in paths.values_mut().filter_map(|p| p.as_object_mut()) {
+            for parameters in operation
+                .values_mut()
+                .filter_map(|op| op.get_mut("parameters"))
+                .filter_map(|p| p.as_array_mut())
+            {
+                for parameter in parameters.iter_mut().filter_map(|p| p.as_object_mut()) {
+                    if parameter.get("in") == Some(&serde_json::json!("query")) {
+                        parameter.insert("allowEmptyValue".into(), true.into());
+                    }
+                }
+            }
+        }
+    }
+    doc
 }
 
 async fn healthz() -> Json<serde_json::Value> {
@@ -184,13 +220,18 @@ pub async fn serve_on(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     crate::telemetry::metrics::prometheus();
-    let ServeOptions { tokens, cache_ttl } = options;
+    let ServeOptions {
+        tokens,
+        cache_ttl,
+        public_url,
+    } = options;
     if tokens.is_empty() {
         tracing::warn!("no API tokens configured: every /api/ request will get 401; set CRM_ANALYTICS_API_TOKENS");
     }
     tracing::info!(listen = %listener.local_addr()?, "serving the API, the dashboard and /metrics");
     let cache = ResponseCache::start(&state.analytics, cache_ttl).await;
-    axum::serve(listener, router(state, tokens, cache))
+    let links = Links::new(public_url.as_deref());
+    axum::serve(listener, router(state, tokens, cache, links))
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await?;
     Ok(())

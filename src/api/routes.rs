@@ -2,8 +2,8 @@
 //! aggregate table with bound parameters, ordered by the table's key columns.
 
 use axum::extract::{RawQuery, State};
-use axum::http::{HeaderMap, StatusCode, Uri};
-use axum::Json;
+use axum::http::{StatusCode, Uri};
+use axum::{Extension, Json};
 use chrono::NaiveDate;
 use rust_decimal::Decimal;
 use sqlx::{Postgres, QueryBuilder};
@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 use super::error::ApiError;
 use super::models::*;
-use super::query::{Page, Params};
+use super::query::{Links, Page, Params};
 use super::AppState;
 use crate::event::CrmTable;
 
@@ -96,14 +96,21 @@ where
 #[allow(dead_code)]
 pub struct DailyQuery {
     /// One day, YYYY-MM-DD (instead of from/to).
+    #[param(format = Date, nullable = false)]
     date: Option<String>,
-    /// First day, inclusive, YYYY-MM-DD.
+    /// First day, inclusive, YYYY-MM-DD; not later than `to`.
+    #[param(format = Date, nullable = false)]
     from: Option<String>,
     /// Last day, inclusive, YYYY-MM-DD.
+    #[param(format = Date, nullable = false)]
     to: Option<String>,
+    #[param(nullable = false)]
     account_id: Option<Uuid>,
-    /// Page size, default 100, at most 1000.
+    /// Page size, default 100; larger values count as 1000.
+    #[param(minimum = 1, maximum = 9223372036854775807_i64, nullable = false)]
     limit: Option<i64>,
+    /// Rows to skip, at most 10^12.
+    #[param(minimum = 0, maximum = 1_000_000_000_000_i64, nullable = false)]
     offset: Option<i64>,
 }
 
@@ -115,7 +122,7 @@ pub async fn daily_metrics(
     State(state): State<AppState>,
     RawQuery(query): RawQuery,
     uri: Uri,
-    headers: HeaderMap,
+    Extension(links): Extension<Links>,
 ) -> Result<Json<DailyMetricPage>, ApiError> {
     let params = Params::parse(query.as_deref());
     let page = params.page()?;
@@ -141,7 +148,7 @@ pub async fn daily_metrics(
         page,
     )
     .await?;
-    let (next, previous) = page.links(count, &uri, &headers);
+    let (next, previous) = page.links(count, &uri, &links);
     Ok(Json(DailyMetricPage {
         count,
         next,
@@ -166,12 +173,20 @@ pub async fn daily_metrics(
 #[into_params(parameter_in = Query)]
 #[allow(dead_code)]
 pub struct FunnelQuery {
-    /// First cohort date, inclusive, YYYY-MM-DD.
+    /// First cohort date, inclusive, YYYY-MM-DD; not later than `to`.
+    #[param(format = Date, nullable = false)]
     from: Option<String>,
     /// Last cohort date, inclusive, YYYY-MM-DD.
+    #[param(format = Date, nullable = false)]
     to: Option<String>,
+    /// Lead source, exactly; any text without NUL characters.
+    #[param(max_length = 10000, pattern = r"^[^\x00]*$", nullable = false)]
     source: Option<String>,
+    /// Page size, default 100; larger values count as 1000.
+    #[param(minimum = 1, maximum = 9223372036854775807_i64, nullable = false)]
     limit: Option<i64>,
+    /// Rows to skip, at most 10^12.
+    #[param(minimum = 0, maximum = 1_000_000_000_000_i64, nullable = false)]
     offset: Option<i64>,
 }
 
@@ -183,7 +198,7 @@ pub async fn funnel_metrics(
     State(state): State<AppState>,
     RawQuery(query): RawQuery,
     uri: Uri,
-    headers: HeaderMap,
+    Extension(links): Extension<Links>,
 ) -> Result<Json<FunnelMetricPage>, ApiError> {
     let params = Params::parse(query.as_deref());
     let page = params.page()?;
@@ -193,7 +208,7 @@ pub async fn funnel_metrics(
     filters.add("cohort_date <= ", to, Value::Date);
     filters.add(
         "source = ",
-        params.get("source").map(str::to_string),
+        params.text("source")?.map(str::to_string),
         Value::Text,
     );
     type Row = (NaiveDate, String, i64, i64, i64, i64, i64, i64);
@@ -206,7 +221,7 @@ pub async fn funnel_metrics(
         page,
     )
     .await?;
-    let (next, previous) = page.links(count, &uri, &headers);
+    let (next, previous) = page.links(count, &uri, &links);
     Ok(Json(FunnelMetricPage {
         count,
         next,
@@ -241,12 +256,19 @@ pub async fn funnel_metrics(
 #[into_params(parameter_in = Query)]
 #[allow(dead_code)]
 pub struct RevenueQuery {
+    #[param(nullable = false)]
     account_id: Option<Uuid>,
-    /// First month, inclusive, YYYY-MM.
+    /// First month, inclusive, YYYY-MM; not later than `to`.
+    #[param(pattern = r"^[0-9]{4}-(0[1-9]|1[0-2])$", nullable = false)]
     from: Option<String>,
     /// Last month, inclusive, YYYY-MM.
+    #[param(pattern = r"^[0-9]{4}-(0[1-9]|1[0-2])$", nullable = false)]
     to: Option<String>,
+    /// Page size, default 100; larger values count as 1000.
+    #[param(minimum = 1, maximum = 9223372036854775807_i64, nullable = false)]
     limit: Option<i64>,
+    /// Rows to skip, at most 10^12.
+    #[param(minimum = 0, maximum = 1_000_000_000_000_i64, nullable = false)]
     offset: Option<i64>,
 }
 
@@ -258,7 +280,7 @@ pub async fn revenue_metrics(
     State(state): State<AppState>,
     RawQuery(query): RawQuery,
     uri: Uri,
-    headers: HeaderMap,
+    Extension(links): Extension<Links>,
 ) -> Result<Json<RevenueMetricPage>, ApiError> {
     let params = Params::parse(query.as_deref());
     let page = params.page()?;
@@ -277,7 +299,7 @@ pub async fn revenue_metrics(
         page,
     )
     .await?;
-    let (next, previous) = page.links(count, &uri, &headers);
+    let (next, previous) = page.links(count, &uri, &links);
     Ok(Json(RevenueMetricPage {
         count,
         next,
@@ -299,14 +321,32 @@ pub async fn revenue_metrics(
 #[into_params(parameter_in = Query)]
 #[allow(dead_code)]
 pub struct EventCountQuery {
-    /// First day, inclusive, YYYY-MM-DD.
+    /// First day, inclusive, YYYY-MM-DD; not later than `to`.
+    #[param(format = Date, nullable = false)]
     from: Option<String>,
     /// Last day, inclusive, YYYY-MM-DD.
+    #[param(format = Date, nullable = false)]
     to: Option<String>,
     /// accounts, leads, projects or activities.
+    #[param(value_type = Option<TableName>, inline, nullable = false)]
     table: Option<String>,
+    /// Page size, default 100; larger values count as 1000.
+    #[param(minimum = 1, maximum = 9223372036854775807_i64, nullable = false)]
     limit: Option<i64>,
+    /// Rows to skip, at most 10^12.
+    #[param(minimum = 0, maximum = 1_000_000_000_000_i64, nullable = false)]
     offset: Option<i64>,
+}
+
+/// The CRM tables, as the `table` filter names them.
+#[derive(utoipa::ToSchema)]
+#[schema(rename_all = "lowercase")]
+#[allow(dead_code)]
+enum TableName {
+    Accounts,
+    Leads,
+    Projects,
+    Activities,
 }
 
 /// Processing health: processed and failed events by day, table and operation.
@@ -317,7 +357,7 @@ pub async fn event_counts(
     State(state): State<AppState>,
     RawQuery(query): RawQuery,
     uri: Uri,
-    headers: HeaderMap,
+    Extension(links): Extension<Links>,
 ) -> Result<Json<EventCountPage>, ApiError> {
     let params = Params::parse(query.as_deref());
     let page = params.page()?;
@@ -341,7 +381,7 @@ pub async fn event_counts(
         page,
     )
     .await?;
-    let (next, previous) = page.links(count, &uri, &headers);
+    let (next, previous) = page.links(count, &uri, &links);
     Ok(Json(EventCountPage {
         count,
         next,

@@ -147,6 +147,7 @@ pub async fn run(server: &str, scale: Scale, report: &mut Report) -> anyhow::Res
         let options = ServeOptions {
             tokens: Tokens::parse(TOKEN),
             cache_ttl,
+            public_url: None,
         };
         let server_task = tokio::spawn(crate::api::serve_on(
             listener,

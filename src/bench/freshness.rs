@@ -31,6 +31,7 @@ pub async fn run(server: &str, scale: Scale, report: &mut Report) -> anyhow::Res
         crate::api::ServeOptions {
             tokens: crate::api::auth::Tokens::parse(TOKEN),
             cache_ttl: std::time::Duration::from_secs(1),
+            public_url: None,
         },
         stop.clone(),
     ));

@@ -99,6 +99,7 @@ pub async fn run(db: &DatabaseArgs, args: DemoArgs) -> anyhow::Result<()> {
         let options = crate::api::ServeOptions {
             tokens: Tokens::parse(&token),
             cache_ttl: args.server.api_cache_ttl,
+            public_url: args.server.public_url.clone(),
         };
         tokio::spawn(async move { crate::api::serve_on(listener, state, options, stop).await })
     };

@@ -94,7 +94,8 @@ pub enum Command {
 pub enum FailedAction {
     /// List parked events, oldest first.
     List {
-        #[arg(long, default_value_t = 50)]
+        /// How many to show (at least 1; PostgreSQL refuses a negative LIMIT).
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(i64).range(1..))]
         limit: i64,
         /// Print JSON instead of text.
         #[arg(long)]
@@ -515,4 +516,20 @@ async fn run_pipeline(
         result
     });
     ran.and(served)
+}
+
+#[cfg(test)]
+mod limit_tests {
+    use super::Cli;
+    use clap::Parser;
+
+    #[test]
+    fn failed_list_refuses_a_limit_below_one_before_any_query() {
+        for bad in ["-1", "0"] {
+            let flag = format!("--limit={bad}");
+            let parsed = Cli::try_parse_from(["crm-analytics", "failed", "list", &flag]);
+            assert!(parsed.is_err(), "--limit={bad}");
+        }
+        assert!(Cli::try_parse_from(["crm-analytics", "failed", "list", "--limit=5"]).is_ok());
+    }
 }

@@ -282,7 +282,13 @@ pub struct Server {
 }
 
 impl Server {
+    /// A server with relative next/previous links (no public URL configured).
     pub async fn start(db: &TestDb) -> Self {
+        Self::start_with(db, false).await
+    }
+
+    /// With `public_url`, the server is configured with its own address as its public URL.
+    pub async fn start_with(db: &TestDb, public_url: bool) -> Self {
         let crm = db.pool(4).await;
         let analytics = db.pool(8).await;
         let queue = PostgresQueue::connect(analytics.clone(), u64::MAX)
@@ -302,6 +308,7 @@ impl Server {
         let options = crm_analytics::api::ServeOptions {
             tokens: crm_analytics::api::auth::Tokens::parse(&format!("other-token,{TOKEN}")),
             cache_ttl: std::time::Duration::from_secs(3600),
+            public_url: public_url.then(|| base.clone()),
         };
         let task = tokio::spawn(crm_analytics::api::serve_on(
             listener,
@@ -339,7 +346,7 @@ pub async fn get_json(base: &str, path: &str) -> (u16, serde_json::Value) {
     (status, body)
 }
 
-/// Every page of a list, following `next`.
+/// Every page of a list, following `next` (relative links resolve against `base`).
 pub async fn get_all(base: &str, path: &str) -> Vec<serde_json::Value> {
     let mut url = format!("{base}{path}");
     let mut rows = Vec::new();
@@ -355,8 +362,35 @@ pub async fn get_all(base: &str, path: &str) -> Vec<serde_json::Value> {
             .expect("json");
         rows.extend(page["results"].as_array().expect("results").iter().cloned());
         match page["next"].as_str() {
+            Some(next) if next.starts_with('/') => url = format!("{base}{next}"),
             Some(next) => url = next.to_string(),
             None => return rows,
         }
     }
+}
+
+/// GET with the token over a plain TCP connection, for request targets longer than an
+/// HTTP client accepts to send (reqwest refuses URIs over 64 KB); returns the status code.
+pub async fn raw_get_status(base: &str, target: &str) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let address = base.trim_start_matches("http://");
+    let mut stream = tokio::net::TcpStream::connect(address)
+        .await
+        .expect("connect");
+    let request = format!(
+        "GET {target} HTTP/1.1\r\nHost: {address}\r\nAuthorization: Bearer {TOKEN}\r\nConnection: close\r\n\r\n"
+    );
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .expect("send request");
+    let mut head = [0u8; 12];
+    stream
+        .read_exact(&mut head)
+        .await
+        .expect("an answer, not a dropped connection");
+    let line = String::from_utf8_lossy(&head);
+    line.strip_prefix("HTTP/1.1 ")
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP status line: {line:?}"))
 }
