@@ -26,6 +26,8 @@ enum Value {
     Date(NaiveDate),
     Uuid(Uuid),
     Text(String),
+    /// A condition with no parameter (`... IS NULL`).
+    Nothing,
 }
 
 impl Filters {
@@ -33,6 +35,21 @@ impl Filters {
         if let Some(v) = value {
             self.conditions.push((sql, wrap(v)));
         }
+    }
+
+    /// `<column>__isnull=true|false` (django-filter's lookup): rows whose `column` is NULL,
+    /// or is not. `column` is one of ours, never taken from the request.
+    fn add_isnull(
+        &mut self,
+        params: &Params,
+        (param, is_null, is_not_null): (&str, &'static str, &'static str),
+    ) -> Result<(), ApiError> {
+        match params.one_of(param, &["true", "false"])?.as_deref() {
+            Some("true") => self.conditions.push((is_null, Value::Nothing)),
+            Some(_) => self.conditions.push((is_not_null, Value::Nothing)),
+            None => {}
+        }
+        Ok(())
     }
 
     fn push_where(&self, q: &mut QueryBuilder<'_, Postgres>) {
@@ -43,6 +60,7 @@ impl Filters {
                 Value::Date(d) => q.push_bind(*d),
                 Value::Uuid(u) => q.push_bind(*u),
                 Value::Text(t) => q.push_bind(t.clone()),
+                Value::Nothing => q,
             };
         }
     }
@@ -102,6 +120,9 @@ pub struct DailyQuery {
     /// Last day, inclusive, YYYY-MM-DD.
     to: Option<String>,
     account_id: Option<Uuid>,
+    /// true: only rows without an account (account_id null); false: only rows with one.
+    #[param(rename = "account_id__isnull")]
+    account_id_isnull: Option<bool>,
     /// Page size, default 100, at most 1000.
     limit: Option<i64>,
     offset: Option<i64>,
@@ -131,7 +152,15 @@ pub async fn daily_metrics(
     filters.add("date >= ", from, Value::Date);
     filters.add("date <= ", to, Value::Date);
     filters.add("account_id = ", params.uuid("account_id")?, Value::Uuid);
-    type Row = (Uuid, NaiveDate, i64, i64, i64, i64, Decimal);
+    filters.add_isnull(
+        &params,
+        (
+            "account_id__isnull",
+            "account_id IS NULL",
+            "account_id IS NOT NULL",
+        ),
+    )?;
+    type Row = (Option<Uuid>, Option<NaiveDate>, i64, i64, i64, i64, Decimal);
     let (count, rows): (i64, Vec<Row>) = page_of(
         &state,
         "analytics.daily_account_metrics",
@@ -171,6 +200,9 @@ pub struct FunnelQuery {
     /// Last cohort date, inclusive, YYYY-MM-DD.
     to: Option<String>,
     source: Option<String>,
+    /// true: only leads without a source (source null); false: only leads with one.
+    #[param(rename = "source__isnull")]
+    source_isnull: Option<bool>,
     limit: Option<i64>,
     offset: Option<i64>,
 }
@@ -196,7 +228,20 @@ pub async fn funnel_metrics(
         params.get("source").map(str::to_string),
         Value::Text,
     );
-    type Row = (NaiveDate, String, i64, i64, i64, i64, i64, i64);
+    filters.add_isnull(
+        &params,
+        ("source__isnull", "source IS NULL", "source IS NOT NULL"),
+    )?;
+    type Row = (
+        Option<NaiveDate>,
+        Option<String>,
+        i64,
+        i64,
+        i64,
+        i64,
+        i64,
+        i64,
+    );
     let (count, rows): (i64, Vec<Row>) = page_of(
         &state,
         "analytics.lead_funnel_metrics",
@@ -242,6 +287,9 @@ pub async fn funnel_metrics(
 #[allow(dead_code)]
 pub struct RevenueQuery {
     account_id: Option<Uuid>,
+    /// true: only deals without an account (account_id null); false: only deals with one.
+    #[param(rename = "account_id__isnull")]
+    account_id_isnull: Option<bool>,
     /// First month, inclusive, YYYY-MM.
     from: Option<String>,
     /// Last month, inclusive, YYYY-MM.
@@ -267,7 +315,15 @@ pub async fn revenue_metrics(
     filters.add("account_id = ", params.uuid("account_id")?, Value::Uuid);
     filters.add("month >= ", from, Value::Date);
     filters.add("month <= ", to, Value::Date);
-    type Row = (Uuid, NaiveDate, i64, Decimal);
+    filters.add_isnull(
+        &params,
+        (
+            "account_id__isnull",
+            "account_id IS NULL",
+            "account_id IS NOT NULL",
+        ),
+    )?;
+    type Row = (Option<Uuid>, Option<NaiveDate>, i64, Decimal);
     let (count, rows): (i64, Vec<Row>) = page_of(
         &state,
         "analytics.revenue_metrics",
@@ -286,7 +342,7 @@ pub async fn revenue_metrics(
             .into_iter()
             .map(|(account_id, month, deals_won, revenue)| RevenueMetric {
                 account_id,
-                month: month.format("%Y-%m").to_string(),
+                month: month.map(|m| m.format("%Y-%m").to_string()),
                 deals_won,
                 revenue: Money(revenue),
             })
