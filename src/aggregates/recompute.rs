@@ -364,10 +364,7 @@ pub async fn compare(
 /// The order both sides of [`compare`] are sorted in: component by component, NULL after
 /// every value (PostgreSQL's default for ascending order). uuid, date and `COLLATE "C"`
 /// text compare in PostgreSQL as their Rust types do (bytes, days, UTF-8 bytes).
-fn key_order<A: Ord, B: Ord>(
-    x: &(Option<A>, Option<B>),
-    y: &(Option<A>, Option<B>),
-) -> Ordering {
+fn key_order<A: Ord, B: Ord>(x: &(Option<A>, Option<B>), y: &(Option<A>, Option<B>)) -> Ordering {
     fn nulls_last<T: Ord>(x: &Option<T>, y: &Option<T>) -> Ordering {
         match (x, y) {
             (Some(x), Some(y)) => x.cmp(y),
