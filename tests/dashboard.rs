@@ -187,6 +187,13 @@ async fn the_dashboard_shows_what_the_api_returns() {
         dom.contains("Bars add up to Revenue won"),
         "the chart says what it covers"
     );
+    // The workload leaves some leads and activities without an account: a null key, which
+    // the account filter offers as "(none)".
+    assert!(daily.iter().any(|r| r["account_id"].is_null()));
+    assert!(
+        dom.contains("<option value=\"(none)\">(none)</option>"),
+        "rows without an account are listed as (none)"
+    );
     let revenue_bars = dom.matches("<rect class=\"b\"").count();
     let activity_bars = dom.matches("<rect class=\"a\"").count();
     assert!(

@@ -22,24 +22,27 @@ fn instant() -> impl Strategy<Value = DateTime<Utc>> {
 
 fn row(table: u8) -> BoxedStrategy<RowImage> {
     match table {
+        // Every column a metric groups by may be NULL (None), and so may a status.
         0 => (
             account(),
-            0usize..3,
-            0usize..5,
+            prop::option::of(0usize..3),
+            prop::option::of(0usize..5),
             prop::option::of(instant()),
-            instant(),
+            prop::option::of(instant()),
         )
             .prop_map(|(account_id, source, status, converted_at, created_at)| {
                 RowImage::Lead(LeadRow {
                     account_id,
-                    source: ["web", "event", "referral"][source].into(),
-                    status: [
-                        LeadStatus::New,
-                        LeadStatus::Contacted,
-                        LeadStatus::Qualified,
-                        LeadStatus::Converted,
-                        LeadStatus::Lost,
-                    ][status],
+                    source: source.map(|s| ["web", "event", "referral"][s].into()),
+                    status: status.map(|s| {
+                        [
+                            LeadStatus::New,
+                            LeadStatus::Contacted,
+                            LeadStatus::Qualified,
+                            LeadStatus::Converted,
+                            LeadStatus::Lost,
+                        ][s]
+                    }),
                     converted_at,
                     created_at,
                 })
@@ -47,20 +50,21 @@ fn row(table: u8) -> BoxedStrategy<RowImage> {
             .boxed(),
         1 => (
             account(),
-            0usize..3,
+            prop::option::of(0usize..3),
             -10_000i64..10_000_000,
             prop::option::of(instant()),
         )
             .prop_map(|(account_id, status, cents, closed_at)| {
                 RowImage::Project(ProjectRow {
                     account_id,
-                    status: [ProjectStatus::Open, ProjectStatus::Won, ProjectStatus::Lost][status],
+                    status: status
+                        .map(|s| [ProjectStatus::Open, ProjectStatus::Won, ProjectStatus::Lost][s]),
                     amount: Decimal::new(cents, 2),
                     closed_at,
                 })
             })
             .boxed(),
-        _ => (account(), instant())
+        _ => (account(), prop::option::of(instant()))
             .prop_map(|(account_id, occurred_at)| {
                 RowImage::Activity(ActivityRow {
                     account_id,

@@ -16,8 +16,17 @@ use std::sync::Arc;
 use std::time::Duration;
 use uuid::Uuid;
 
-type DailyRow = (Uuid, NaiveDate, i64, i64, i64, i64, Decimal);
-type FunnelRow = (NaiveDate, String, i64, i64, i64, i64, i64, i64);
+type DailyRow = (Option<Uuid>, Option<NaiveDate>, i64, i64, i64, i64, Decimal);
+type FunnelRow = (
+    Option<NaiveDate>,
+    Option<String>,
+    i64,
+    i64,
+    i64,
+    i64,
+    i64,
+    i64,
+);
 
 #[tokio::test]
 async fn a_known_history_gives_known_numbers() {
@@ -60,7 +69,8 @@ async fn a_known_history_gives_known_numbers() {
             .fetch_all(&pool)
             .await
             .unwrap();
-    let d = |s: &str| NaiveDate::from_str(s).unwrap();
+    let d = |s: &str| Some(NaiveDate::from_str(s).unwrap());
+    let a = Some(a);
     assert_eq!(
         daily,
         vec![
@@ -74,7 +84,10 @@ async fn a_known_history_gives_known_numbers() {
                 1,
                 Decimal::from_str("1234.50").unwrap()
             ),
-        ]
+            (None, d("2026-03-01"), 1, 0, 0, 0, Decimal::ZERO),
+            (None, d("2026-03-05"), 0, 0, 1, 0, Decimal::ZERO),
+        ],
+        "lead 3 and the note have no account: they count under a NULL account"
     );
     let funnel: Vec<FunnelRow> =
         sqlx::query_as("SELECT * FROM analytics.lead_funnel_metrics ORDER BY cohort_date, source")
@@ -84,12 +97,12 @@ async fn a_known_history_gives_known_numbers() {
     assert_eq!(
         funnel,
         vec![
-            (d("2026-03-01"), "event".into(), 0, 0, 0, 0, 1, 1),
-            (d("2026-03-01"), "web".into(), 0, 0, 0, 1, 0, 1),
+            (d("2026-03-01"), Some("event".into()), 0, 0, 0, 0, 1, 1),
+            (d("2026-03-01"), Some("web".into()), 0, 0, 0, 1, 0, 1),
         ],
         "lead 2 was created on 2026-03-02 UTC and deleted with account B"
     );
-    let revenue: Vec<(Uuid, NaiveDate, i64, Decimal)> =
+    let revenue: Vec<(Option<Uuid>, Option<NaiveDate>, i64, Decimal)> =
         sqlx::query_as("SELECT * FROM analytics.revenue_metrics ORDER BY account_id, month")
             .fetch_all(&pool)
             .await

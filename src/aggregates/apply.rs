@@ -4,9 +4,30 @@
 use chrono::NaiveDate;
 use rust_decimal::Decimal;
 use sqlx::PgConnection;
-use uuid::Uuid;
 
 use super::delta::Deltas;
+
+/// Deletes the rows at `ctids` (text form, as returned by an upsert) that are still all
+/// zero. Rows are found by their physical address rather than by key: keys may be NULL,
+/// which `IN`/`=` never match and `IS NOT DISTINCT FROM` cannot find through the index. The
+/// addresses are stable: the upsert locked (or created) these rows in this transaction.
+async fn delete_emptied(
+    conn: &mut PgConnection,
+    table: &str,
+    all_zero: &str,
+    ctids: Vec<String>,
+) -> Result<(), sqlx::Error> {
+    if ctids.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(&format!(
+        "DELETE FROM {table} WHERE ctid = ANY($1::text[]::tid[]) AND {all_zero}"
+    ))
+    .bind(&ctids)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
 
 /// Applies `deltas` inside the caller's transaction. Tables are written in a fixed order
 /// and keys sorted, so concurrent workers take row locks in the same order.
@@ -17,6 +38,12 @@ pub async fn write_deltas(conn: &mut PgConnection, deltas: &Deltas) -> Result<()
     write_counts(conn, deltas).await?;
     Ok(())
 }
+
+const DAILY_ZERO: &str = "leads_created = 0 AND leads_converted = 0 AND activities = 0
+    AND deals_won = 0 AND revenue_won = 0";
+const FUNNEL_ZERO: &str =
+    "new = 0 AND contacted = 0 AND qualified = 0 AND converted = 0 AND lost = 0 AND total = 0";
+const REVENUE_ZERO: &str = "deals_won = 0 AND revenue = 0";
 
 async fn write_daily(conn: &mut PgConnection, deltas: &Deltas) -> Result<(), sqlx::Error> {
     if deltas.daily.is_empty() {
@@ -40,7 +67,7 @@ async fn write_daily(conn: &mut PgConnection, deltas: &Deltas) -> Result<(), sql
         won.push(d.deals_won);
         revenue.push(d.revenue_won);
     }
-    let emptied: Vec<(Uuid, NaiveDate)> = sqlx::query_as(
+    let emptied: Vec<String> = sqlx::query_scalar(&format!(
         "WITH up AS (
             INSERT INTO analytics.daily_account_metrics AS t
                 (account_id, date, leads_created, leads_converted, activities, deals_won, revenue_won)
@@ -51,11 +78,10 @@ async fn write_daily(conn: &mut PgConnection, deltas: &Deltas) -> Result<(), sql
                 activities = t.activities + excluded.activities,
                 deals_won = t.deals_won + excluded.deals_won,
                 revenue_won = t.revenue_won + excluded.revenue_won
-            RETURNING *
+            RETURNING ctid, *
          )
-         SELECT account_id, date FROM up
-         WHERE leads_created = 0 AND leads_converted = 0 AND activities = 0
-           AND deals_won = 0 AND revenue_won = 0",
+         SELECT ctid::text FROM up WHERE {DAILY_ZERO}"
+    ),
     )
     .bind(&accounts)
     .bind(&dates)
@@ -66,20 +92,7 @@ async fn write_daily(conn: &mut PgConnection, deltas: &Deltas) -> Result<(), sql
     .bind(&revenue)
     .fetch_all(&mut *conn)
     .await?;
-    if !emptied.is_empty() {
-        let (accounts, dates): (Vec<Uuid>, Vec<NaiveDate>) = emptied.into_iter().unzip();
-        sqlx::query(
-            "DELETE FROM analytics.daily_account_metrics
-             WHERE (account_id, date) IN (SELECT * FROM unnest($1::uuid[], $2::date[]))
-               AND leads_created = 0 AND leads_converted = 0 AND activities = 0
-               AND deals_won = 0 AND revenue_won = 0",
-        )
-        .bind(&accounts)
-        .bind(&dates)
-        .execute(&mut *conn)
-        .await?;
-    }
-    Ok(())
+    delete_emptied(conn, "analytics.daily_account_metrics", DAILY_ZERO, emptied).await
 }
 
 async fn write_funnel(conn: &mut PgConnection, deltas: &Deltas) -> Result<(), sqlx::Error> {
@@ -103,7 +116,7 @@ async fn write_funnel(conn: &mut PgConnection, deltas: &Deltas) -> Result<(), sq
             column.push(value);
         }
     }
-    let emptied: Vec<(NaiveDate, String)> = sqlx::query_as(
+    let emptied: Vec<String> = sqlx::query_scalar(&format!(
         "WITH up AS (
             INSERT INTO analytics.lead_funnel_metrics AS t
                 (cohort_date, source, new, contacted, qualified, converted, lost, total)
@@ -115,10 +128,10 @@ async fn write_funnel(conn: &mut PgConnection, deltas: &Deltas) -> Result<(), sq
                 converted = t.converted + excluded.converted,
                 lost = t.lost + excluded.lost,
                 total = t.total + excluded.total
-            RETURNING *
+            RETURNING ctid, *
          )
-         SELECT cohort_date, source FROM up
-         WHERE new = 0 AND contacted = 0 AND qualified = 0 AND converted = 0 AND lost = 0 AND total = 0",
+         SELECT ctid::text FROM up WHERE {FUNNEL_ZERO}"
+    ),
     )
     .bind(&dates)
     .bind(&sources)
@@ -130,19 +143,7 @@ async fn write_funnel(conn: &mut PgConnection, deltas: &Deltas) -> Result<(), sq
     .bind(&columns[5])
     .fetch_all(&mut *conn)
     .await?;
-    if !emptied.is_empty() {
-        let (dates, sources): (Vec<NaiveDate>, Vec<String>) = emptied.into_iter().unzip();
-        sqlx::query(
-            "DELETE FROM analytics.lead_funnel_metrics
-             WHERE (cohort_date, source) IN (SELECT * FROM unnest($1::date[], $2::text[]))
-               AND new = 0 AND contacted = 0 AND qualified = 0 AND converted = 0 AND lost = 0 AND total = 0",
-        )
-        .bind(&dates)
-        .bind(&sources)
-        .execute(&mut *conn)
-        .await?;
-    }
-    Ok(())
+    delete_emptied(conn, "analytics.lead_funnel_metrics", FUNNEL_ZERO, emptied).await
 }
 
 async fn write_revenue(conn: &mut PgConnection, deltas: &Deltas) -> Result<(), sqlx::Error> {
@@ -159,36 +160,24 @@ async fn write_revenue(conn: &mut PgConnection, deltas: &Deltas) -> Result<(), s
         won.push(d.deals_won);
         revenue.push(d.revenue);
     }
-    let emptied: Vec<(Uuid, NaiveDate)> = sqlx::query_as(
+    let emptied: Vec<String> = sqlx::query_scalar(&format!(
         "WITH up AS (
             INSERT INTO analytics.revenue_metrics AS t (account_id, month, deals_won, revenue)
             SELECT * FROM unnest($1::uuid[], $2::date[], $3::int8[], $4::numeric[])
             ON CONFLICT (account_id, month) DO UPDATE SET
                 deals_won = t.deals_won + excluded.deals_won,
                 revenue = t.revenue + excluded.revenue
-            RETURNING *
+            RETURNING ctid, *
          )
-         SELECT account_id, month FROM up WHERE deals_won = 0 AND revenue = 0",
-    )
+         SELECT ctid::text FROM up WHERE {REVENUE_ZERO}"
+    ))
     .bind(&accounts)
     .bind(&months)
     .bind(&won)
     .bind(&revenue)
     .fetch_all(&mut *conn)
     .await?;
-    if !emptied.is_empty() {
-        let (accounts, months): (Vec<Uuid>, Vec<NaiveDate>) = emptied.into_iter().unzip();
-        sqlx::query(
-            "DELETE FROM analytics.revenue_metrics
-             WHERE (account_id, month) IN (SELECT * FROM unnest($1::uuid[], $2::date[]))
-               AND deals_won = 0 AND revenue = 0",
-        )
-        .bind(&accounts)
-        .bind(&months)
-        .execute(&mut *conn)
-        .await?;
-    }
-    Ok(())
+    delete_emptied(conn, "analytics.revenue_metrics", REVENUE_ZERO, emptied).await
 }
 
 async fn write_counts(conn: &mut PgConnection, deltas: &Deltas) -> Result<(), sqlx::Error> {

@@ -46,24 +46,33 @@ pub struct CountDelta {
 /// Key of `event_counts`: the event's UTC date, its table and its operation.
 pub type CountKey = (NaiveDate, CrmTable, Operation);
 
+/// Key of `daily_account_metrics` and `revenue_metrics`: account and day (or month).
+/// `None` is a NULL in the CRM row, counted as a group of its own, as SQL's GROUP BY does.
+pub type AccountKey = (Option<Uuid>, Option<NaiveDate>);
+/// Key of `lead_funnel_metrics`: cohort date and source, either possibly NULL.
+pub type FunnelKey = (Option<NaiveDate>, Option<String>);
+
 /// The summed change of every aggregate over a set of events. Keys are kept sorted so that
 /// concurrent workers lock aggregate rows in the same order and cannot deadlock.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Deltas {
-    pub daily: BTreeMap<(Uuid, NaiveDate), DailyDelta>,
-    pub funnel: BTreeMap<(NaiveDate, String), FunnelDelta>,
-    pub revenue: BTreeMap<(Uuid, NaiveDate), RevenueDelta>,
+    pub daily: BTreeMap<AccountKey, DailyDelta>,
+    pub funnel: BTreeMap<FunnelKey, FunnelDelta>,
+    pub revenue: BTreeMap<AccountKey, RevenueDelta>,
     pub counts: BTreeMap<CountKey, CountDelta>,
 }
 
-pub fn utc_date(at: DateTime<Utc>) -> NaiveDate {
-    at.date_naive()
+/// The UTC date of `at`; NULL stays NULL.
+pub fn utc_date(at: Option<DateTime<Utc>>) -> Option<NaiveDate> {
+    at.map(|at| at.date_naive())
 }
 
-/// First day of the month of `at`, the key of `revenue_metrics`.
-pub fn month_start(at: DateTime<Utc>) -> NaiveDate {
-    let date = at.date_naive();
-    date.with_day(1).unwrap_or(date)
+/// First day of the month of `at`, the key of `revenue_metrics`; NULL stays NULL.
+pub fn month_start(at: Option<DateTime<Utc>>) -> Option<NaiveDate> {
+    at.map(|at| {
+        let date = at.date_naive();
+        date.with_day(1).unwrap_or(date)
+    })
 }
 
 impl Deltas {
@@ -90,58 +99,57 @@ impl Deltas {
         match row {
             RowImage::Account => {}
             RowImage::Lead(lead) => {
-                if let Some(account) = lead.account_id {
+                let account = lead.account_id;
+                self.daily
+                    .entry((account, utc_date(lead.created_at)))
+                    .or_default()
+                    .leads_created += sign;
+                if lead.status == Some(LeadStatus::Converted) {
                     self.daily
-                        .entry((account, utc_date(lead.created_at)))
+                        .entry((account, utc_date(lead.converted_at)))
                         .or_default()
-                        .leads_created += sign;
-                    if let (LeadStatus::Converted, Some(at)) = (lead.status, lead.converted_at) {
-                        self.daily
-                            .entry((account, utc_date(at)))
-                            .or_default()
-                            .leads_converted += sign;
-                    }
+                        .leads_converted += sign;
                 }
                 let funnel = self
                     .funnel
                     .entry((utc_date(lead.created_at), lead.source.clone()))
                     .or_default();
                 funnel.total += sign;
-                *match lead.status {
-                    LeadStatus::New => &mut funnel.new,
-                    LeadStatus::Contacted => &mut funnel.contacted,
-                    LeadStatus::Qualified => &mut funnel.qualified,
-                    LeadStatus::Converted => &mut funnel.converted,
-                    LeadStatus::Lost => &mut funnel.lost,
-                } += sign;
+                // A NULL status counts in `total` only, as count(*) FILTER does in SQL.
+                if let Some(status) = lead.status {
+                    *match status {
+                        LeadStatus::New => &mut funnel.new,
+                        LeadStatus::Contacted => &mut funnel.contacted,
+                        LeadStatus::Qualified => &mut funnel.qualified,
+                        LeadStatus::Converted => &mut funnel.converted,
+                        LeadStatus::Lost => &mut funnel.lost,
+                    } += sign;
+                }
             }
             RowImage::Project(project) => {
-                let (Some(account), ProjectStatus::Won, Some(closed_at)) =
-                    (project.account_id, project.status, project.closed_at)
-                else {
+                if project.status != Some(ProjectStatus::Won) {
                     return;
-                };
+                }
+                let account = project.account_id;
                 let amount = project.amount * Decimal::from(sign);
                 let daily = self
                     .daily
-                    .entry((account, utc_date(closed_at)))
+                    .entry((account, utc_date(project.closed_at)))
                     .or_default();
                 daily.deals_won += sign;
                 daily.revenue_won += amount;
                 let revenue = self
                     .revenue
-                    .entry((account, month_start(closed_at)))
+                    .entry((account, month_start(project.closed_at)))
                     .or_default();
                 revenue.deals_won += sign;
                 revenue.revenue += amount;
             }
             RowImage::Activity(activity) => {
-                if let Some(account) = activity.account_id {
-                    self.daily
-                        .entry((account, utc_date(activity.occurred_at)))
-                        .or_default()
-                        .activities += sign;
-                }
+                self.daily
+                    .entry((activity.account_id, utc_date(activity.occurred_at)))
+                    .or_default()
+                    .activities += sign;
             }
         }
     }

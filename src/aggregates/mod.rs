@@ -28,4 +28,9 @@ pub const MIGRATIONS: &[Migration] = &[
         description: "notifications of aggregate changes, for the API's response cache",
         sql: include_str!("sql/003_change_notifications.sql"),
     },
+    Migration {
+        version: 4,
+        description: "NULL keys: rows whose grouping column is NULL count under a NULL key",
+        sql: include_str!("sql/004_null_keys.sql"),
+    },
 ];

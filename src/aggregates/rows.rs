@@ -28,19 +28,26 @@ pub enum ProjectStatus {
     Lost,
 }
 
+// A CRM may leave any column NULL that its own schema allows; a NULL grouping column is
+// counted under a NULL key (see `delta`), a NULL status in no status column. The columns
+// must still be present in the image (`nullable` does not default a missing field).
 #[derive(Debug, Clone, Deserialize)]
 pub struct LeadRow {
     pub account_id: Option<Uuid>,
-    pub source: String,
-    pub status: LeadStatus,
+    #[serde(deserialize_with = "nullable")]
+    pub source: Option<String>,
+    #[serde(deserialize_with = "nullable")]
+    pub status: Option<LeadStatus>,
     pub converted_at: Option<DateTime<Utc>>,
-    pub created_at: DateTime<Utc>,
+    #[serde(deserialize_with = "nullable")]
+    pub created_at: Option<DateTime<Utc>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct ProjectRow {
     pub account_id: Option<Uuid>,
-    pub status: ProjectStatus,
+    #[serde(deserialize_with = "nullable")]
+    pub status: Option<ProjectStatus>,
     #[serde(deserialize_with = "exact_decimal")]
     pub amount: Decimal,
     pub closed_at: Option<DateTime<Utc>>,
@@ -49,7 +56,8 @@ pub struct ProjectRow {
 #[derive(Debug, Clone, Deserialize)]
 pub struct ActivityRow {
     pub account_id: Option<Uuid>,
-    pub occurred_at: DateTime<Utc>,
+    #[serde(deserialize_with = "nullable")]
+    pub occurred_at: Option<DateTime<Utc>>,
 }
 
 /// A decoded row image of one of the captured tables.
@@ -145,6 +153,14 @@ fn decode_row(table: CrmTable, json: &str) -> Result<RowImage, String> {
     })
 }
 
+/// A column that may be NULL but not absent: unlike a plain `Option` field, a missing key
+/// is an error, so a payload that lost a column fails instead of counting as NULL.
+fn nullable<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+    deserializer: D,
+) -> Result<Option<T>, D::Error> {
+    Option::deserialize(deserializer)
+}
+
 /// Reads a JSON number (kept verbatim by serde_json's arbitrary precision) or a string as
 /// an exact decimal: money never passes through floating point.
 fn exact_decimal<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Decimal, D::Error> {
@@ -203,5 +219,27 @@ mod tests {
         ))
         .unwrap_err();
         assert!(error.contains("status"), "{error}");
+        let error = decode(&envelope(
+            "leads.insert",
+            r#"{"new": {"account_id": null, "status": "new", "created_at": null}}"#,
+        ))
+        .unwrap_err();
+        assert!(
+            error.contains("source"),
+            "a missing column is not a NULL: {error}"
+        );
+    }
+
+    #[test]
+    fn null_columns_decode_as_none() {
+        let event = decode(&envelope(
+            "leads.insert",
+            r#"{"new": {"account_id": null, "source": null, "status": null, "converted_at": null, "created_at": null}}"#,
+        ))
+        .unwrap();
+        let Some(RowImage::Lead(lead)) = event.new else {
+            panic!("a lead")
+        };
+        assert!(lead.source.is_none() && lead.status.is_none() && lead.created_at.is_none());
     }
 }

@@ -28,11 +28,14 @@ impl utoipa::PartialSchema for Money {
 }
 impl ToSchema for Money {}
 
+// Key columns are null where the CRM row's column was NULL (a lead without account or
+// source, a won deal without closed_at): such rows form a group of their own.
+
 #[derive(Debug, Serialize, ToSchema, sqlx::FromRow)]
 pub struct DailyMetric {
-    pub account_id: Uuid,
-    #[schema(value_type = String, format = Date)]
-    pub date: NaiveDate,
+    pub account_id: Option<Uuid>,
+    #[schema(value_type = Option<String>, format = Date)]
+    pub date: Option<NaiveDate>,
     pub leads_created: i64,
     pub leads_converted: i64,
     pub activities: i64,
@@ -42,9 +45,9 @@ pub struct DailyMetric {
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct FunnelMetric {
-    #[schema(value_type = String, format = Date)]
-    pub cohort_date: NaiveDate,
-    pub source: String,
+    #[schema(value_type = Option<String>, format = Date)]
+    pub cohort_date: Option<NaiveDate>,
+    pub source: Option<String>,
     pub new: i64,
     pub contacted: i64,
     pub qualified: i64,
@@ -57,10 +60,10 @@ pub struct FunnelMetric {
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct RevenueMetric {
-    pub account_id: Uuid,
+    pub account_id: Option<Uuid>,
     /// YYYY-MM
     #[schema(pattern = r"^\d{4}-\d{2}$")]
-    pub month: String,
+    pub month: Option<String>,
     pub deals_won: i64,
     pub revenue: Money,
 }

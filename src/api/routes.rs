@@ -26,6 +26,8 @@ enum Value {
     Date(NaiveDate),
     Uuid(Uuid),
     Text(String),
+    /// A condition with no parameter (`... IS NULL`).
+    Nothing,
 }
 
 impl Filters {
@@ -33,6 +35,21 @@ impl Filters {
         if let Some(v) = value {
             self.conditions.push((sql, wrap(v)));
         }
+    }
+
+    /// `<column>__isnull=true|false` (django-filter's lookup): rows whose `column` is NULL,
+    /// or is not. `column` is one of ours, never taken from the request.
+    fn add_isnull(
+        &mut self,
+        params: &Params,
+        (param, is_null, is_not_null): (&str, &'static str, &'static str),
+    ) -> Result<(), ApiError> {
+        match params.one_of(param, &["true", "false"])?.as_deref() {
+            Some("true") => self.conditions.push((is_null, Value::Nothing)),
+            Some(_) => self.conditions.push((is_not_null, Value::Nothing)),
+            None => {}
+        }
+        Ok(())
     }
 
     fn push_where(&self, q: &mut QueryBuilder<'_, Postgres>) {
@@ -43,6 +60,7 @@ impl Filters {
                 Value::Date(d) => q.push_bind(*d),
                 Value::Uuid(u) => q.push_bind(*u),
                 Value::Text(t) => q.push_bind(t.clone()),
+                Value::Nothing => q,
             };
         }
     }
@@ -106,6 +124,9 @@ pub struct DailyQuery {
     to: Option<String>,
     #[param(nullable = false)]
     account_id: Option<Uuid>,
+    /// true: only rows without an account (account_id null); false: only rows with one.
+    #[param(rename = "account_id__isnull")]
+    account_id_isnull: Option<bool>,
     /// Page size, default 100; larger values count as 1000.
     #[param(minimum = 1, maximum = 9223372036854775807_i64, nullable = false)]
     limit: Option<i64>,
@@ -138,7 +159,15 @@ pub async fn daily_metrics(
     filters.add("date >= ", from, Value::Date);
     filters.add("date <= ", to, Value::Date);
     filters.add("account_id = ", params.uuid("account_id")?, Value::Uuid);
-    type Row = (Uuid, NaiveDate, i64, i64, i64, i64, Decimal);
+    filters.add_isnull(
+        &params,
+        (
+            "account_id__isnull",
+            "account_id IS NULL",
+            "account_id IS NOT NULL",
+        ),
+    )?;
+    type Row = (Option<Uuid>, Option<NaiveDate>, i64, i64, i64, i64, Decimal);
     let (count, rows): (i64, Vec<Row>) = page_of(
         &state,
         "analytics.daily_account_metrics",
@@ -182,6 +211,9 @@ pub struct FunnelQuery {
     /// Lead source, exactly; any text without NUL characters.
     #[param(max_length = 10000, pattern = r"^[^\x00]*$", nullable = false)]
     source: Option<String>,
+    /// true: only leads without a source (source null); false: only leads with one.
+    #[param(rename = "source__isnull")]
+    source_isnull: Option<bool>,
     /// Page size, default 100; larger values count as 1000.
     #[param(minimum = 1, maximum = 9223372036854775807_i64, nullable = false)]
     limit: Option<i64>,
@@ -211,7 +243,20 @@ pub async fn funnel_metrics(
         params.text("source")?.map(str::to_string),
         Value::Text,
     );
-    type Row = (NaiveDate, String, i64, i64, i64, i64, i64, i64);
+    filters.add_isnull(
+        &params,
+        ("source__isnull", "source IS NULL", "source IS NOT NULL"),
+    )?;
+    type Row = (
+        Option<NaiveDate>,
+        Option<String>,
+        i64,
+        i64,
+        i64,
+        i64,
+        i64,
+        i64,
+    );
     let (count, rows): (i64, Vec<Row>) = page_of(
         &state,
         "analytics.lead_funnel_metrics",
@@ -258,6 +303,9 @@ pub async fn funnel_metrics(
 pub struct RevenueQuery {
     #[param(nullable = false)]
     account_id: Option<Uuid>,
+    /// true: only deals without an account (account_id null); false: only deals with one.
+    #[param(rename = "account_id__isnull")]
+    account_id_isnull: Option<bool>,
     /// First month, inclusive, YYYY-MM; not later than `to`.
     #[param(pattern = r"^[0-9]{4}-(0[1-9]|1[0-2])$", nullable = false)]
     from: Option<String>,
@@ -289,7 +337,15 @@ pub async fn revenue_metrics(
     filters.add("account_id = ", params.uuid("account_id")?, Value::Uuid);
     filters.add("month >= ", from, Value::Date);
     filters.add("month <= ", to, Value::Date);
-    type Row = (Uuid, NaiveDate, i64, Decimal);
+    filters.add_isnull(
+        &params,
+        (
+            "account_id__isnull",
+            "account_id IS NULL",
+            "account_id IS NOT NULL",
+        ),
+    )?;
+    type Row = (Option<Uuid>, Option<NaiveDate>, i64, Decimal);
     let (count, rows): (i64, Vec<Row>) = page_of(
         &state,
         "analytics.revenue_metrics",
@@ -308,7 +364,7 @@ pub async fn revenue_metrics(
             .into_iter()
             .map(|(account_id, month, deals_won, revenue)| RevenueMetric {
                 account_id,
-                month: month.format("%Y-%m").to_string(),
+                month: month.map(|m| m.format("%Y-%m").to_string()),
                 deals_won,
                 revenue: Money(revenue),
             })
