@@ -125,7 +125,7 @@ pub struct DailyQuery {
     #[param(nullable = false)]
     account_id: Option<Uuid>,
     /// true: only rows without an account (account_id null); false: only rows with one.
-    #[param(rename = "account_id__isnull")]
+    #[param(rename = "account_id__isnull", nullable = false)]
     account_id_isnull: Option<bool>,
     /// Page size, default 100; larger values count as 1000.
     #[param(minimum = 1, maximum = 9223372036854775807_i64, nullable = false)]
@@ -212,7 +212,7 @@ pub struct FunnelQuery {
     #[param(max_length = 10000, pattern = r"^[^\x00]*$", nullable = false)]
     source: Option<String>,
     /// true: only leads without a source (source null); false: only leads with one.
-    #[param(rename = "source__isnull")]
+    #[param(rename = "source__isnull", nullable = false)]
     source_isnull: Option<bool>,
     /// Page size, default 100; larger values count as 1000.
     #[param(minimum = 1, maximum = 9223372036854775807_i64, nullable = false)]
@@ -304,7 +304,7 @@ pub struct RevenueQuery {
     #[param(nullable = false)]
     account_id: Option<Uuid>,
     /// true: only deals without an account (account_id null); false: only deals with one.
-    #[param(rename = "account_id__isnull")]
+    #[param(rename = "account_id__isnull", nullable = false)]
     account_id_isnull: Option<bool>,
     /// First month, inclusive, YYYY-MM; not later than `to`.
     #[param(pattern = r"^[0-9]{4}-(0[1-9]|1[0-2])$", nullable = false)]
