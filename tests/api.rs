@@ -737,6 +737,10 @@ async fn openapi_document_declares_what_the_server_accepts() {
                     json!({"type": "string", "maxLength": 10000, "pattern": "^[^\\x00]*$"})
                 }
                 (_, "table") => json!(["accounts", "leads", "projects", "activities"]),
+                ("/api/funnel-metrics/", "source__isnull")
+                | ("/api/daily-metrics/" | "/api/revenue-metrics/", "account_id__isnull") => {
+                    json!({"type": "boolean"})
+                }
                 _ => panic!("{path}: undeclared parameter {name}"),
             };
             if name == "table" {
@@ -752,6 +756,9 @@ async fn openapi_document_declares_what_the_server_accepts() {
         "/api/revenue-metrics/?from=0000-01&to=9999-12&limit=&offset=",
         "/api/event-counts/?from=0001-01-01&to=9999-12-31&table=activities",
         "/api/funnel-metrics/?source=%E2%9C%93%F0%9F%98%80",
+        "/api/funnel-metrics/?source__isnull=true&limit=1",
+        "/api/daily-metrics/?account_id__isnull=false&account_id__isnull=",
+        "/api/revenue-metrics/?account_id__isnull=",
     ] {
         let (status, body) = get_json(&server.base, path).await;
         assert_eq!(status, 200, "{path}: {body}");
