@@ -64,8 +64,10 @@ fn connect_error(
             let name = options.get_database().unwrap_or("?");
             anyhow::anyhow!(
                 "the database {name:?} does not exist on the PostgreSQL server at {at} \
-                 ({setting}). Create it (`createdb -h {host} -p {port} -U {user} {name}`, or \
-                 `CREATE DATABASE {name};` in psql) or fix {setting}",
+                 ({setting}). Create it (`createdb -h {host} -p {port} -U {user} '{shell}'`, \
+                 or `CREATE DATABASE {sql};` in psql) or fix {setting}",
+                shell = name.replace('\'', "'\\''"),
+                sql = quote_identifier(name),
                 host = options.get_host(),
                 port = options.get_port(),
                 user = options.get_username(),
@@ -174,6 +176,19 @@ fn plain_on_loopback(url: &str, options: PgConnectOptions) -> PgConnectOptions {
     options.ssl_mode(PgSslMode::Disable)
 }
 
+/// `name` as a SQL identifier, quoted where it must be.
+fn quote_identifier(name: &str) -> String {
+    let plain = name.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if plain {
+        name.to_string()
+    } else {
+        format!("\"{}\"", name.replace('"', "\"\""))
+    }
+}
+
 /// The URL without its password, for messages and logs. Anything that is not a
 /// well-formed URL with a host loses everything before its last `@` (the credentials, if
 /// any) instead.
@@ -182,6 +197,21 @@ pub fn redact(url: &str) -> String {
         if parsed.has_host() {
             if parsed.password().is_some() {
                 let _ = parsed.set_password(Some("***"));
+            }
+            // The driver also takes the password as a query parameter.
+            if parsed.query_pairs().any(|(key, _)| key == "password") {
+                let pairs: Vec<(String, String)> = parsed
+                    .query_pairs()
+                    .map(|(key, value)| {
+                        let value = if key == "password" {
+                            "***".into()
+                        } else {
+                            value
+                        };
+                        (key.into_owned(), value.into_owned())
+                    })
+                    .collect();
+                parsed.query_pairs_mut().clear().extend_pairs(pairs);
             }
             return parsed.to_string();
         }
@@ -217,12 +247,23 @@ mod tests {
     }
 
     #[test]
+    fn database_names_are_quoted_where_they_must_be() {
+        assert_eq!(quote_identifier("crm"), "crm");
+        assert_eq!(quote_identifier("My-CRM"), "\"My-CRM\"");
+        assert_eq!(quote_identifier("a\"b"), "\"a\"\"b\"");
+    }
+
+    #[test]
     fn redaction_hides_passwords() {
         assert_eq!(
             redact("postgres://u:secret@h:5432/db"),
             "postgres://u:***@h:5432/db"
         );
         assert!(!redact("u:secret@h/db").contains("secret"));
+        assert_eq!(
+            redact("postgres://u@h/db?sslmode=require&password=secret"),
+            "postgres://u@h/db?sslmode=require&password=***"
+        );
     }
 
     #[test]

@@ -178,3 +178,45 @@ async fn a_createrole_migrator_that_is_not_superuser_can_migrate() {
     db.finish(admin).await;
     common::drop_role(&migrator).await;
 }
+
+/// A `crm_analytics_capture` that someone created before `migrate` with more rights than
+/// capture needs (a role attribute, or a membership that lends another role's rights) is
+/// refused. Tried inside a transaction that rolls back: the role is shared by every
+/// database on the server, and nobody else sees the change.
+#[tokio::test]
+async fn a_capture_role_with_more_rights_than_capture_needs_is_refused() {
+    let (db, pool) = TestDb::migrated().await;
+    let migration = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/src/capture/sql/004_capture_role.sql"
+    ))
+    .expect("read migration 4");
+    for (widen, expected) in [
+        (
+            "GRANT pg_read_all_data TO crm_analytics_capture",
+            "member of other roles (pg_read_all_data)",
+        ),
+        (
+            "ALTER ROLE crm_analytics_capture CREATEDB",
+            "exists with rights it must not have",
+        ),
+    ] {
+        let mut tx = pool.begin().await.unwrap();
+        sqlx::raw_sql(widen).execute(&mut *tx).await.unwrap();
+        let error = sqlx::raw_sql(&migration)
+            .execute(&mut *tx)
+            .await
+            .expect_err(widen)
+            .to_string();
+        assert!(error.contains(expected), "{widen}: {error}");
+        tx.rollback().await.unwrap();
+    }
+    // As created by migrate, the role passes the same checks.
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::raw_sql(&migration)
+        .execute(&mut *tx)
+        .await
+        .expect("the role migrate created is accepted");
+    tx.rollback().await.unwrap();
+    db.finish(pool).await;
+}

@@ -59,14 +59,6 @@ async fn a_lock_held_longer_than_all_retries_parks_nothing() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let dbg: Vec<(Option<String>, Option<String>, Option<String>)> = sqlx::query_as("SELECT wait_event_type, state, left(query, 80) FROM pg_stat_activity WHERE datname = current_database()").fetch_all(&pool).await.unwrap();
-    eprintln!("{dbg:#?}");
-    let q: Vec<(i32, Option<String>)> =
-        sqlx::query_as("SELECT attempts, last_error FROM crm_analytics.queue LIMIT 3")
-            .fetch_all(&pool)
-            .await
-            .unwrap();
-    eprintln!("{q:?}");
     let waiting: i64 = sqlx::query_scalar("SELECT count(*) FROM crm_analytics.queue")
         .fetch_one(&pool)
         .await

@@ -174,9 +174,14 @@ pub async fn run(db: &DatabaseArgs, args: DemoArgs) -> anyhow::Result<()> {
         }
     }
     print_summary(&pipeline).await?;
+    let shown = crate::db::redact(&crm_url);
+    let masked = if shown == crm_url {
+        ""
+    } else {
+        " (with your password in place of ***)"
+    };
     println!(
-        "\nNext: `DATABASE_URL={} crm-analytics status`, or query schema analytics directly.",
-        crate::db::redact(&crm_url)
+        "\nNext: `DATABASE_URL={shown} crm-analytics status`{masked}, or query schema analytics directly."
     );
     if std::io::stdin().is_terminal() && !shutdown.is_cancelled() {
         println!(

@@ -395,6 +395,8 @@ pub async fn migrate_all_with(
     if create_crm_schema {
         crate::capture::create_reference_schema(crm, crm_schema).await?;
     }
+    // Before anything changes: the aggregates' NULL-tolerant keys need PostgreSQL 15.
+    crate::migrate::require_server_version(analytics, 150_000, "the analytics schema").await?;
     let triggers = crate::capture::attach_with(crm, crm_schema, capture_columns).await?;
     let applied =
         crate::migrate::apply(analytics, "analytics", crate::aggregates::MIGRATIONS).await?;

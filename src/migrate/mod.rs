@@ -37,6 +37,14 @@ pub enum MigrateError {
         have: i32,
         want: i32,
     },
+    #[error("{what} needs PostgreSQL {need} or later; this server runs {found}. Upgrade PostgreSQL, or point the setting at a newer server")]
+    ServerTooOld {
+        what: &'static str,
+        need: String,
+        found: String,
+    },
+    #[error("could not read the server's version: {0}")]
+    Version(#[source] sqlx::Error),
     #[error("could not read the migrations of {component}: {source}")]
     Read {
         component: &'static str,
@@ -156,4 +164,27 @@ pub async fn require(
         }),
         Some(_) => Ok(()),
     }
+}
+
+/// Fails unless the server behind `pool` is at least `min_version_num` (as in
+/// `server_version_num`, e.g. 150000 for 15.0).
+pub async fn require_server_version(
+    pool: &PgPool,
+    min_version_num: i32,
+    what: &'static str,
+) -> Result<(), MigrateError> {
+    let (num, found): (i32, String) = sqlx::query_as(
+        "SELECT current_setting('server_version_num')::int4, current_setting('server_version')",
+    )
+    .fetch_one(pool)
+    .await
+    .map_err(MigrateError::Version)?;
+    if num >= min_version_num {
+        return Ok(());
+    }
+    Err(MigrateError::ServerTooOld {
+        what,
+        need: (min_version_num / 10_000).to_string(),
+        found,
+    })
 }

@@ -43,9 +43,15 @@ pub enum RelayError {
 /// Opens the claiming transaction with the CRM-side bounds in the same round trip:
 /// a statement that hangs is cancelled, and a session left idle inside the transaction
 /// (a publish or a process that hangs) is ended by the server, which rolls it back.
+/// With no bound (0s) the session's own settings stay as the server's configuration has
+/// them: 0 in a `SET` would switch a bound a DBA gave the role off instead.
 fn begin_statement(timeout: Duration) -> String {
-    // Milliseconds as an integer: nothing here comes from user text.
-    let ms = timeout.as_millis().min(i32::MAX as u128);
+    if timeout.is_zero() {
+        return "BEGIN".to_string();
+    }
+    // Whole milliseconds, at least 1 (0 means "no bound" to PostgreSQL); an integer, so
+    // nothing here comes from user text.
+    let ms = timeout.as_millis().clamp(1, i32::MAX as u128);
     format!(
         "BEGIN; SET LOCAL statement_timeout = {ms}; \
          SET LOCAL idle_in_transaction_session_timeout = {ms}"
@@ -281,5 +287,22 @@ async fn pause(shutdown: &CancellationToken, wait: Duration) {
     tokio::select! {
         _ = shutdown.cancelled() => {}
         _ = tokio::time::sleep(wait) => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_claim_bound_is_never_zero_unless_switched_off() {
+        assert_eq!(begin_statement(Duration::ZERO), "BEGIN");
+        let tiny = begin_statement(Duration::from_micros(500));
+        assert!(tiny.contains("statement_timeout = 1;"), "{tiny}");
+        let usual = begin_statement(Duration::from_secs(30));
+        assert!(
+            usual.contains("idle_in_transaction_session_timeout = 30000"),
+            "{usual}"
+        );
     }
 }

@@ -20,16 +20,39 @@ BEGIN
         END;
     END IF;
     SELECT * INTO capture FROM pg_roles WHERE rolname = 'crm_analytics_capture';
-    -- Someone may have created it before us: it must not be more than we need.
-    IF capture.rolsuper OR capture.rolbypassrls OR capture.rolcreaterole OR capture.rolcanlogin THEN
-        RAISE EXCEPTION 'role crm_analytics_capture exists with rights it must not have (superuser, BYPASSRLS, CREATEROLE or LOGIN)'
-            USING HINT = 'ALTER ROLE crm_analytics_capture NOLOGIN NOSUPERUSER NOBYPASSRLS NOCREATEROLE, then migrate again.';
+    -- Someone may have created it before us: it must not be more than we need. Role
+    -- attributes and memberships are checked (a membership in pg_read_all_data, say, would
+    -- lend its rights to whatever runs inside the trigger); object-level grants are not.
+    IF capture.rolsuper OR capture.rolbypassrls OR capture.rolcreaterole OR capture.rolcanlogin
+       OR capture.rolcreatedb OR capture.rolreplication THEN
+        RAISE EXCEPTION 'role crm_analytics_capture exists with rights it must not have (superuser, BYPASSRLS, CREATEROLE, CREATEDB, REPLICATION or LOGIN)'
+            USING HINT = 'ALTER ROLE crm_analytics_capture NOLOGIN NOSUPERUSER NOBYPASSRLS NOCREATEROLE NOCREATEDB NOREPLICATION, then migrate again.';
+    END IF;
+    IF EXISTS (SELECT 1 FROM pg_auth_members WHERE member = capture.oid) THEN
+        RAISE EXCEPTION 'role crm_analytics_capture is a member of other roles (%), whose rights would run inside the capture trigger',
+            (SELECT string_agg(roleid::regrole::text, ', ') FROM pg_auth_members WHERE member = capture.oid)
+            USING HINT = 'REVOKE those roles FROM crm_analytics_capture, then migrate again.';
+    END IF;
+    -- Inheriting nothing anyway: a membership granted later lends no rights by itself.
+    IF capture.rolinherit THEN
+        BEGIN
+            ALTER ROLE crm_analytics_capture NOINHERIT;
+        EXCEPTION WHEN insufficient_privilege THEN
+            RAISE EXCEPTION 'role crm_analytics_capture inherits, and % may not change that', current_user
+                USING HINT = 'Have an administrator run: ALTER ROLE crm_analytics_capture NOINHERIT; then migrate again.';
+        END;
     END IF;
     -- A migrator that is not a superuser (Supabase's postgres) may hand ownership only to a
     -- role it belongs to; with CREATEROLE it may grant itself that membership.
     IF NOT (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)
        AND NOT pg_has_role(current_user, 'crm_analytics_capture', 'MEMBER') THEN
-        EXECUTE format('GRANT crm_analytics_capture TO %I', current_user);
+        BEGIN
+            EXECUTE format('GRANT crm_analytics_capture TO %I', current_user);
+        EXCEPTION WHEN insufficient_privilege THEN
+            RAISE EXCEPTION '% may not hand the capture functions to role crm_analytics_capture', current_user
+                USING HINT = format('Have an administrator (or the role that created crm_analytics_capture) run: '
+                                    'GRANT crm_analytics_capture TO %I; then migrate again.', current_user);
+        END;
     END IF;
 END
 $$;
