@@ -30,12 +30,14 @@ const ROUTES: [&str; 12] = [
     "/metrics",
     "/",
 ];
-const NAMES: [&str; 12] = [
+const NAMES: [&str; 14] = [
     "date",
     "from",
     "to",
     "account_id",
     "source",
+    "account_id__isnull",
+    "source__isnull",
     "table",
     "limit",
     "offset",
@@ -71,6 +73,8 @@ fn text_value() -> impl Strategy<Value = String> {
         Just("2026-03".to_string()),
         Just("00000000-0000-0000-0000-00000000000a".to_string()),
         Just("leads".to_string()),
+        Just("true".to_string()),
+        Just("false".to_string()),
         (-5i64..5_000).prop_map(|n| n.to_string()),
         any::<i64>().prop_map(|n| n.to_string()),
         "[ -~]{0,12}",
@@ -166,15 +170,28 @@ fn a_hostile_value_in_any_filter_gets_a_400_naming_it_or_a_page() {
     let lists = [
         (
             "/api/daily-metrics/",
-            &["date", "account_id", "limit", "offset"][..],
+            &[
+                "date",
+                "account_id",
+                "account_id__isnull",
+                "limit",
+                "offset",
+            ][..],
         ),
         (
             "/api/funnel-metrics/",
-            &["from", "to", "source", "limit", "offset"][..],
+            &["from", "to", "source", "source__isnull", "limit", "offset"][..],
         ),
         (
             "/api/revenue-metrics/",
-            &["from", "to", "account_id", "limit", "offset"][..],
+            &[
+                "from",
+                "to",
+                "account_id",
+                "account_id__isnull",
+                "limit",
+                "offset",
+            ][..],
         ),
         (
             "/api/event-counts/",

@@ -7,6 +7,7 @@ mod common;
 use common::{Server, TestDb};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Arc;
 
 fn chromium() -> Option<PathBuf> {
     ["chromium", "chromium-browser", "google-chrome"]
@@ -61,6 +62,179 @@ fn value_of(dom: &str, id: &str) -> String {
         .next()
         .unwrap_or_default()
         .to_string()
+}
+
+/// The text of the element with `id` in the rendered DOM.
+fn text_of(dom: &str, id: &str) -> String {
+    let marker = format!("id=\"{id}\"");
+    let start = dom
+        .find(&marker)
+        .unwrap_or_else(|| panic!("no element {id} in the page"));
+    let rest = &dom[start..];
+    let text = &rest[rest.find('>').expect("tag end") + 1..];
+    text.split('<').next().unwrap_or_default().to_string()
+}
+
+/// The sum of the revenue bars' values.
+fn revenue_bars(dom: &str) -> rust_decimal::Decimal {
+    dom.split("<rect class=\"b\"")
+        .skip(1)
+        .map(|rect| {
+            let value = rect.split("data-value=\"").nth(1).unwrap_or_default();
+            value
+                .split('"')
+                .next()
+                .unwrap_or_default()
+                .parse::<rust_decimal::Decimal>()
+                .unwrap()
+        })
+        .sum()
+}
+
+/// The page at `base` with `hash` after the token, rendered by Chromium; its DOM.
+fn render(browser: &Path, db: &TestDb, base: &str, hash: &str) -> String {
+    let profile = std::env::temp_dir().join(format!("chromium-{}", db.name));
+    let url = format!("{base}/#token={}{hash}", common::TOKEN);
+    let dom = headless(browser, &profile, &url, &["--dump-dom"]);
+    let _ = std::fs::remove_dir_all(&profile);
+    dom
+}
+
+/// A server whose CRM database is down (nothing listens at its address); analytics is up.
+async fn server_with_crm_down(db: &TestDb) -> Server {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = closed.local_addr().expect("addr").port();
+    drop(closed);
+    let crm = sqlx::postgres::PgPoolOptions::new()
+        .acquire_timeout(std::time::Duration::from_secs(2))
+        .connect_lazy(&format!("postgres://postgres@127.0.0.1:{port}/crm"))
+        .expect("lazy pool");
+    let analytics = db.pool(8).await;
+    let queue = crm_analytics::queue::postgres::PostgresQueue::connect(analytics.clone(), u64::MAX)
+        .await
+        .expect("queue");
+    let state = crm_analytics::api::AppState {
+        crm,
+        analytics,
+        queue: Arc::new(queue),
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let base = format!("http://{}", listener.local_addr().expect("addr"));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let options = crm_analytics::api::ServeOptions {
+        tokens: crm_analytics::api::auth::Tokens::parse(common::TOKEN),
+        cache_ttl: std::time::Duration::from_secs(3600),
+        public_url: None,
+    };
+    let task = tokio::spawn(crm_analytics::api::serve_on(
+        listener,
+        state,
+        options,
+        stop.clone(),
+    ));
+    Server { base, stop, task }
+}
+
+fn browser_or_skip() -> Option<PathBuf> {
+    let browser = chromium();
+    if browser.is_none() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must install chromium (see .ci/run)"
+        );
+        eprintln!("skipping the browser test: no chromium on this machine");
+    }
+    browser
+}
+
+/// With the CRM down, /api/health/ answers 503: the panels that need only analytics still
+/// show, and the outbox lag (a CRM number) reads "unreachable", not "0".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_crm_down_the_dashboard_still_shows_analytics() {
+    let Some(browser) = browser_or_skip() else {
+        return;
+    };
+    let (db, pool) = TestDb::migrated().await;
+    let today = chrono::Utc::now().date_naive();
+    sqlx::query(
+        "INSERT INTO analytics.lead_funnel_metrics
+             (cohort_date, source, new, contacted, qualified, converted, lost, total)
+         VALUES ($1, 'web', 1, 1, 1, 2, 2, 7)",
+    )
+    .bind(today)
+    .execute(&pool)
+    .await
+    .unwrap();
+    let server = server_with_crm_down(&db).await;
+    let (status, health) = common::get_json(&server.base, "/api/health/").await;
+    assert_eq!(status, 503, "{health}");
+    assert!(health["outbox_lag"].is_null() && health["queue_depth"].is_u64());
+
+    let dom = render(&browser, &db, &server.base, "");
+    assert!(
+        dom.contains("data-ready=\"1\""),
+        "the page rendered its data: {}",
+        &dom[..dom.len().min(500)]
+    );
+    assert_eq!(value_of(&dom, "kpi-leads"), "7");
+    assert_eq!(value_of(&dom, "funnel-converted"), "2");
+    assert_eq!(text_of(&dom, "health-outbox"), "unreachable");
+    assert_eq!(value_of(&dom, "health-outbox"), "unreachable");
+    assert_eq!(
+        value_of(&dom, "health-queue"),
+        health["queue_depth"].to_string()
+    );
+    assert!(
+        dom.contains("unreachable database: crm"),
+        "the page says which database is down"
+    );
+    server.stop().await;
+    db.finish(pool).await;
+}
+
+/// With the range cleared ("all time"), daily rows without a date (a deal won without
+/// closed_at) reach the page: their revenue counts in the tile and shows as a "(none)" bar.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_without_a_date_get_a_none_bar_over_all_time() {
+    let Some(browser) = browser_or_skip() else {
+        return;
+    };
+    let (db, pool) = TestDb::migrated().await;
+    sqlx::raw_sql(
+        "INSERT INTO analytics.daily_account_metrics
+             (account_id, date, leads_created, leads_converted, activities, deals_won, revenue_won)
+         VALUES ('00000000-0000-0000-0000-00000000000a', '2026-03-02', 1, 0, 3, 1, 10.25),
+                ('00000000-0000-0000-0000-00000000000a', NULL, 0, 1, 0, 1, 7.50),
+                (NULL, NULL, 0, 0, 0, 1, 2.00);",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let server = Server::start(&db).await;
+
+    let dom = render(&browser, &db, &server.base, "&from=&to=");
+    assert!(
+        dom.contains("data-ready=\"1\""),
+        "the page rendered its data: {}",
+        &dom[..dom.len().min(500)]
+    );
+    assert!(dom.contains("closed all time"), "the range was cleared");
+    assert_eq!(value_of(&dom, "kpi-deals"), "3");
+    assert_eq!(value_of(&dom, "kpi-revenue"), "19.75");
+    assert_eq!(
+        revenue_bars(&dom),
+        "19.75".parse::<rust_decimal::Decimal>().unwrap(),
+        "the revenue bars add up to the Revenue won tile"
+    );
+    assert!(
+        dom.contains("data-key=\"(none)\" data-value=\"9.50\""),
+        "the rows without a date have their own bar"
+    );
+    assert!(dom.contains("data-key=\"2026-03\" data-value=\"10.25\""));
+    server.stop().await;
+    db.finish(pool).await;
 }
 
 // Multi-threaded: the server must keep answering while this thread waits for Chromium.
@@ -164,19 +338,7 @@ async fn the_dashboard_shows_what_the_api_returns() {
     );
     assert!(!value_of(&dom, "health-p50").is_empty() && !value_of(&dom, "health-p99").is_empty());
     // The monthly bars cover the tile's range, not whole months: they add up to the tile.
-    let bars: rust_decimal::Decimal = dom
-        .split("<rect class=\"b\"")
-        .skip(1)
-        .map(|rect| {
-            let value = rect.split("data-value=\"").nth(1).unwrap_or_default();
-            value
-                .split('"')
-                .next()
-                .unwrap_or_default()
-                .parse::<rust_decimal::Decimal>()
-                .unwrap()
-        })
-        .sum();
+    let bars = revenue_bars(&dom);
     assert_eq!(
         bars, revenue,
         "the revenue bars add up to the Revenue won tile"
