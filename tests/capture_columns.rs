@@ -62,6 +62,16 @@ async fn outbox_len(pool: &sqlx::PgPool) -> i64 {
         .unwrap()
 }
 
+async fn metrics_functions(pool: &sqlx::PgPool) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM pg_proc
+         WHERE pronamespace = 'crm_analytics'::regnamespace AND proname LIKE 'capture\\_%\\_metrics'",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
 #[tokio::test]
 async fn metrics_images_carry_only_what_the_metrics_read_and_stay_exact() {
     let db = TestDb::create().await;
@@ -160,6 +170,11 @@ async fn metrics_images_carry_only_what_the_metrics_read_and_stay_exact() {
             .await
             .unwrap();
     assert_eq!(triggers, 16);
+    assert_eq!(
+        metrics_functions(&pool).await,
+        0,
+        "the metrics capture functions are dropped"
+    );
     sqlx::query("UPDATE leads SET email = 'third@example.com' WHERE id = $1")
         .bind(lead)
         .execute(&pool)
@@ -168,5 +183,76 @@ async fn metrics_images_carry_only_what_the_metrics_read_and_stay_exact() {
     let payload = last_payload(&pool).await;
     assert_eq!(payload["old"]["email"], "other@example.com");
     assert_eq!(payload["new"]["email"], "third@example.com");
+    db.finish(pool).await;
+}
+
+#[tokio::test]
+async fn a_switch_behind_a_long_transaction_gives_up_without_blocking_reads() {
+    let db = TestDb::create().await;
+    let pool = db.pool(6).await;
+    crm_analytics::capture::create_reference_schema(&pool, "public")
+        .await
+        .unwrap();
+    crm_analytics::cli::migrate_all_with(
+        &pool,
+        &pool,
+        "public",
+        false,
+        Some(CaptureColumns::Metrics),
+    )
+    .await
+    .unwrap();
+    sqlx::query("INSERT INTO leads (source) VALUES ('web')")
+        .execute(&pool)
+        .await
+        .unwrap();
+    // A CRM transaction that wrote to leads and stays open (a long report, a stuck client).
+    let mut long = pool.begin().await.unwrap();
+    sqlx::query("UPDATE leads SET source = 'ads'")
+        .execute(&mut *long)
+        .await
+        .unwrap();
+
+    let started = std::time::Instant::now();
+    let switch = tokio::time::timeout(
+        Duration::from_secs(20),
+        crm_analytics::capture::attach_with(&pool, "public", Some(CaptureColumns::All)),
+    );
+    // While the switch waits for its lock, CRM reads of the table go on.
+    let read = async {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        tokio::time::timeout(
+            Duration::from_secs(2),
+            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM leads").fetch_one(&pool),
+        )
+        .await
+    };
+    let (result, read) = tokio::join!(switch, read);
+    assert!(
+        matches!(read, Ok(Ok(1))),
+        "a read waits behind the switch: {read:?}"
+    );
+    let result = result.expect("the switch gives up within its lock timeout instead of hanging");
+    let error = result
+        .expect_err("the switch cannot get its lock")
+        .to_string();
+    assert!(
+        error.contains("leads") && error.contains("retry when the CRM is less busy"),
+        "{error}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(15));
+    // Nothing changed: the metrics triggers are still attached (accounts included).
+    let created = crm_analytics::capture::attach(&pool, "public")
+        .await
+        .unwrap();
+    assert_eq!(created, 0);
+    assert_eq!(metrics_functions(&pool).await, 4);
+
+    long.commit().await.unwrap();
+    let created = crm_analytics::capture::attach_with(&pool, "public", Some(CaptureColumns::All))
+        .await
+        .unwrap();
+    assert_eq!(created, 8, "the retry switches");
+    assert_eq!(metrics_functions(&pool).await, 0);
     db.finish(pool).await;
 }

@@ -51,7 +51,7 @@ fn row(table: u8) -> BoxedStrategy<RowImage> {
         1 => (
             account(),
             prop::option::of(0usize..3),
-            -10_000i64..10_000_000,
+            prop::option::of(-10_000i64..10_000_000),
             prop::option::of(instant()),
         )
             .prop_map(|(account_id, status, cents, closed_at)| {
@@ -59,7 +59,7 @@ fn row(table: u8) -> BoxedStrategy<RowImage> {
                     account_id,
                     status: status
                         .map(|s| [ProjectStatus::Open, ProjectStatus::Won, ProjectStatus::Lost][s]),
-                    amount: Decimal::new(cents, 2),
+                    amount: cents.map(|c| Decimal::new(c, 2)),
                     closed_at,
                 })
             })

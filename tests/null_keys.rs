@@ -184,3 +184,61 @@ async fn null_keys_are_counted_retracted_backfilled_and_served_as_null() {
     server.stop().await;
     db.finish(pool).await;
 }
+
+/// Won deals without amount: only NULL amounts in one group (a NULL sum in SQL), NULL and
+/// set amounts mixed in another, an amount set and cleared, and a NULL-amount deal deleted.
+const NULL_AMOUNTS: &str = "
+    ALTER TABLE projects ALTER COLUMN amount DROP NOT NULL, ALTER COLUMN amount DROP DEFAULT;
+    INSERT INTO accounts (id, name) VALUES ('00000000-0000-0000-0000-00000000000b', 'B');
+    INSERT INTO projects (account_id, name, status, amount, closed_at) VALUES
+        ('00000000-0000-0000-0000-00000000000b', 'only-null', 'won', NULL, '2026-05-02 12:00+00'),
+        ('00000000-0000-0000-0000-00000000000b', 'mixed-1', 'won', 15.00, '2026-06-03 12:00+00'),
+        ('00000000-0000-0000-0000-00000000000b', 'mixed-2', 'won', NULL, '2026-06-03 13:00+00'),
+        ('00000000-0000-0000-0000-00000000000b', 'cleared', 'won', 7.00, '2026-07-04 12:00+00'),
+        ('00000000-0000-0000-0000-00000000000b', 'set', 'won', NULL, '2026-08-05 12:00+00'),
+        ('00000000-0000-0000-0000-00000000000b', 'deleted', 'won', NULL, '2026-05-02 13:00+00'),
+        ('00000000-0000-0000-0000-00000000000b', 'later', 'open', NULL, '2026-05-02 14:00+00');
+    UPDATE projects SET amount = NULL WHERE name = 'cleared';
+    UPDATE projects SET amount = 25.00 WHERE name = 'set';
+    UPDATE projects SET status = 'won' WHERE name = 'later';
+    DELETE FROM projects WHERE name = 'deleted';
+";
+
+#[tokio::test]
+async fn a_won_deal_without_amount_counts_with_revenue_zero() {
+    let (db, pool) = TestDb::migrated().await;
+    let running = common::start(&db, &db.args()).await;
+    sqlx::raw_sql(NULL_AMOUNTS).execute(&pool).await.unwrap();
+    common::drain(&pool, Duration::from_secs(30)).await;
+    running.stop().await;
+
+    let parked: Vec<String> =
+        sqlx::query_scalar("SELECT error_message FROM crm_analytics.failed_events")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert!(parked.is_empty(), "no event is parked: {parked:?}");
+    let rows = aggregates(&pool).await;
+    let b = "00000000-0000-0000-0000-00000000000b";
+    for want in [
+        format!("daily ({b},2026-05-02,0,0,0,2,0.00)"),
+        format!("daily ({b},2026-06-03,0,0,0,2,15.00)"),
+        format!("daily ({b},2026-07-04,0,0,0,1,0.00)"),
+        format!("daily ({b},2026-08-05,0,0,0,1,25.00)"),
+        format!("revenue ({b},2026-05-01,2,0.00)"),
+        format!("revenue ({b},2026-06-01,2,15.00)"),
+        format!("revenue ({b},2026-07-01,1,0.00)"),
+        format!("revenue ({b},2026-08-01,1,25.00)"),
+    ] {
+        assert!(rows.contains(&want), "{want} missing in {rows:#?}");
+    }
+    common::assert_exact(&pool).await;
+
+    // Backfill recomputes the same (a group of NULL amounts only must not sum to NULL).
+    crm_analytics::backfill::run(&pool, &pool, "public", false)
+        .await
+        .unwrap();
+    assert_eq!(aggregates(&pool).await, rows);
+    common::assert_exact(&pool).await;
+    db.finish(pool).await;
+}

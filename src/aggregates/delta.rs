@@ -131,7 +131,9 @@ impl Deltas {
                     return;
                 }
                 let account = project.account_id;
-                let amount = project.amount * Decimal::from(sign);
+                // A won deal without amount is a deal won for nothing, as the
+                // recomputation's coalesce(amount, 0) counts it.
+                let amount = project.amount.unwrap_or(Decimal::ZERO) * Decimal::from(sign);
                 let daily = self
                     .daily
                     .entry((account, utc_date(project.closed_at)))

@@ -1,7 +1,8 @@
 //! Full recomputation of the metrics by SQL over the CRM tables: what backfill and rebuild
 //! load, and what `verify` compares the incremental aggregates against. The SQL here is the
 //! specification the incremental deltas must agree with, written independently of them.
-//! A NULL in a grouping column is a group of its own (NULL key), as GROUP BY makes it.
+//! A NULL in a grouping column is a group of its own (NULL key), as GROUP BY makes it; a
+//! won deal with a NULL amount is counted with revenue 0 (`coalesce`), as the deltas do.
 
 use chrono::NaiveDate;
 use futures::{Stream, TryStreamExt};
@@ -31,7 +32,8 @@ pub(crate) fn daily_sql(crm: &str) -> String {
             SELECT account_id, (occurred_at AT TIME ZONE 'UTC')::date, 0, 0, 1, 0, 0
               FROM {crm}.activities
             UNION ALL
-            SELECT account_id, (closed_at AT TIME ZONE 'UTC')::date, 0, 0, 0, 1, amount
+            SELECT account_id, (closed_at AT TIME ZONE 'UTC')::date, 0, 0, 0, 1,
+                   coalesce(amount, 0)
               FROM {crm}.projects WHERE status = 'won'
          ) contributions
          GROUP BY account_id, day"
@@ -55,7 +57,7 @@ pub(crate) fn funnel_sql(crm: &str) -> String {
 pub(crate) fn revenue_sql(crm: &str) -> String {
     format!(
         "SELECT account_id, date_trunc('month', closed_at AT TIME ZONE 'UTC')::date,
-                count(*), sum(amount)
+                count(*), sum(coalesce(amount, 0))
          FROM {crm}.projects
          WHERE status = 'won'
          GROUP BY 1, 2"
@@ -110,31 +112,6 @@ fn add_revenue(deltas: &mut Deltas, (account, month, won, revenue): RevenueRow) 
             revenue,
         },
     );
-}
-
-/// The metrics of the current CRM rows, all in memory (for verification and tests).
-pub async fn compute(crm: &mut PgConnection, crm_schema: &str) -> Result<Deltas, sqlx::Error> {
-    let mut deltas = Deltas::default();
-    for row in sqlx::query_as::<_, DailyRow>(&daily_sql(crm_schema))
-        .fetch_all(&mut *crm)
-        .await?
-    {
-        add_daily(&mut deltas, row);
-    }
-    for row in sqlx::query_as::<_, FunnelRow>(&funnel_sql(crm_schema))
-        .fetch_all(&mut *crm)
-        .await?
-    {
-        add_funnel(&mut deltas, row);
-    }
-    for row in sqlx::query_as::<_, RevenueRow>(&revenue_sql(crm_schema))
-        .fetch_all(&mut *crm)
-        .await?
-    {
-        add_revenue(&mut deltas, row);
-    }
-    deltas.prune_zeros();
-    Ok(deltas)
 }
 
 /// Streams the recomputed metrics from `crm` into the (emptied) aggregate tables through
@@ -393,8 +370,8 @@ where
     B: Ord + Clone + Debug,
     V: PartialEq + Default + Debug,
 {
-    // A recomputed group never sums to all zeros in practice, but [`compute`] drops such
-    // rows, and so does the comparison; a zero row in the tables is a difference.
+    // A recomputed group never sums to all zeros in practice, but backfill drops such rows
+    // (`prune_zeros`), and so does the comparison; a zero row in the tables is a difference.
     let expected = expected.try_filter(|(_, value)| std::future::ready(*value != V::default()));
     let mut expected = std::pin::pin!(ordered(table, expected));
     let mut actual = std::pin::pin!(ordered(table, actual));

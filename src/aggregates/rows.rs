@@ -29,15 +29,18 @@ pub enum ProjectStatus {
 }
 
 // A CRM may leave any column NULL that its own schema allows; a NULL grouping column is
-// counted under a NULL key (see `delta`), a NULL status in no status column. The columns
-// must still be present in the image (`nullable` does not default a missing field).
+// counted under a NULL key (see `delta`), a NULL status in no status column. Every column
+// must still be present in the image (`nullable` and `exact_decimal` do not default a
+// missing field), so an image that lost a column fails instead of counting as NULL.
 #[derive(Debug, Clone, Deserialize)]
 pub struct LeadRow {
+    #[serde(deserialize_with = "nullable")]
     pub account_id: Option<Uuid>,
     #[serde(deserialize_with = "nullable")]
     pub source: Option<String>,
     #[serde(deserialize_with = "nullable")]
     pub status: Option<LeadStatus>,
+    #[serde(deserialize_with = "nullable")]
     pub converted_at: Option<DateTime<Utc>>,
     #[serde(deserialize_with = "nullable")]
     pub created_at: Option<DateTime<Utc>>,
@@ -45,16 +48,20 @@ pub struct LeadRow {
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct ProjectRow {
+    #[serde(deserialize_with = "nullable")]
     pub account_id: Option<Uuid>,
     #[serde(deserialize_with = "nullable")]
     pub status: Option<ProjectStatus>,
+    /// A NULL amount of a won deal counts as a deal won with revenue 0 (see `delta`).
     #[serde(deserialize_with = "exact_decimal")]
-    pub amount: Decimal,
+    pub amount: Option<Decimal>,
+    #[serde(deserialize_with = "nullable")]
     pub closed_at: Option<DateTime<Utc>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct ActivityRow {
+    #[serde(deserialize_with = "nullable")]
     pub account_id: Option<Uuid>,
     #[serde(deserialize_with = "nullable")]
     pub occurred_at: Option<DateTime<Utc>>,
@@ -162,20 +169,23 @@ fn nullable<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
 }
 
 /// Reads a JSON number (kept verbatim by serde_json's arbitrary precision) or a string as
-/// an exact decimal: money never passes through floating point.
-fn exact_decimal<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Decimal, D::Error> {
+/// an exact decimal: money never passes through floating point. NULL is `None`; like
+/// [`nullable`], a missing key is an error.
+fn exact_decimal<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Decimal>, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
     enum Text {
         Number(serde_json::Number),
         String(String),
     }
-    let text = match Text::deserialize(deserializer)? {
-        Text::Number(n) => n.to_string(),
-        Text::String(s) => s,
+    let text = match Option::<Text>::deserialize(deserializer)? {
+        None => return Ok(None),
+        Some(Text::Number(n)) => n.to_string(),
+        Some(Text::String(s)) => s,
     };
     Decimal::from_str_exact(&text)
         .or_else(|_| Decimal::from_scientific(&text))
+        .map(Some)
         .map_err(|e| de::Error::custom(format!("amount {text:?} is not an exact decimal: {e}")))
 }
 
@@ -204,7 +214,10 @@ mod tests {
         let Some(RowImage::Project(p)) = event.new else {
             panic!("a project")
         };
-        assert_eq!(p.amount.to_string(), "123456789012.35");
+        assert_eq!(
+            p.amount.map(|a| a.to_string()).as_deref(),
+            Some("123456789012.35")
+        );
     }
 
     #[test]
@@ -228,6 +241,46 @@ mod tests {
             error.contains("source"),
             "a missing column is not a NULL: {error}"
         );
+    }
+
+    #[test]
+    fn every_metric_column_is_required_even_when_null_is_allowed() {
+        let images = [
+            (
+                "leads",
+                &[
+                    "account_id",
+                    "source",
+                    "status",
+                    "converted_at",
+                    "created_at",
+                ][..],
+            ),
+            ("projects", &["account_id", "status", "amount", "closed_at"]),
+            ("activities", &["account_id", "occurred_at"]),
+        ];
+        for (table, columns) in images {
+            let all_null: serde_json::Map<String, serde_json::Value> = columns
+                .iter()
+                .map(|c| (c.to_string(), serde_json::Value::Null))
+                .collect();
+            let payload = serde_json::json!({ "new": all_null }).to_string();
+            assert!(
+                decode(&envelope(&format!("{table}.insert"), &payload)).is_ok(),
+                "{table}: every column NULL is a valid image"
+            );
+            for missing in columns {
+                let mut image = all_null.clone();
+                image.remove(*missing);
+                let payload = serde_json::json!({ "new": image }).to_string();
+                let error = decode(&envelope(&format!("{table}.insert"), &payload))
+                    .expect_err(&format!("{table} without {missing} is refused"));
+                assert!(
+                    error.contains(missing),
+                    "{table}: a missing {missing} is not a NULL: {error}"
+                );
+            }
+        }
     }
 
     #[test]

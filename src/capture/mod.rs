@@ -41,6 +41,11 @@ pub const CAPTURE_ROLE: &str = "crm_analytics_capture";
 /// Channel the capture triggers notify on commit.
 pub const OUTBOX_CHANNEL: &str = "crm_analytics_outbox";
 
+/// How long `attach` waits for a lock on a CRM table before it gives up. A trigger change
+/// waits behind every open transaction that wrote to the table, and CRM writes queue behind
+/// the waiting change: the wait must stay short.
+const LOCK_TIMEOUT: &str = "5s";
+
 /// Columns each captured table must have: the ones the metrics read.
 const REQUIRED_COLUMNS: [(CrmTable, &[&str]); 4] = [
     (CrmTable::Accounts, &["id"]),
@@ -66,6 +71,8 @@ const REQUIRED_COLUMNS: [(CrmTable, &[&str]); 4] = [
 pub enum CaptureError {
     #[error("the CRM schema {schema:?} is missing {missing}. Point DATABASE_URL at the CRM database (and --crm-schema at its schema), or create the reference CRM schema with `crm-analytics migrate --create-crm-schema`")]
     MissingCrm { schema: String, missing: String },
+    #[error("the capture triggers of {table} could not be changed: another transaction held a lock on the table for more than {LOCK_TIMEOUT}. Nothing was changed; retry when the CRM is less busy")]
+    Busy { table: String },
     #[error(transparent)]
     Migrate(#[from] migrate::MigrateError),
     #[error("capture setup failed: {0}")]
@@ -140,7 +147,8 @@ pub async fn attach(pool: &PgPool, crm_schema: &str) -> Result<usize, CaptureErr
 }
 
 /// [`attach`], choosing what row images carry: `None` keeps the current choice. Switching
-/// replaces the capture triggers in one transaction, so no change goes uncaptured.
+/// replaces the capture triggers in one transaction, so no change goes uncaptured, waiting
+/// at most `LOCK_TIMEOUT` (5 s) for each CRM table ([`CaptureError::Busy`] beyond that).
 pub async fn attach_with(
     pool: &PgPool,
     crm_schema: &str,
@@ -150,6 +158,10 @@ pub async fn attach_with(
     migrate::apply(pool, "capture", MIGRATIONS).await?;
     let mut tx = pool.begin().await?;
     sqlx::query("SELECT pg_advisory_xact_lock(hashtext('crm_analytics.migrate'))")
+        .execute(&mut *tx)
+        .await?;
+    // Set after the advisory lock: a concurrent `migrate` may be waited for, the CRM not.
+    sqlx::raw_sql(&format!("SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'"))
         .execute(&mut *tx)
         .await?;
     let columns = match columns {
@@ -175,7 +187,7 @@ pub async fn attach_with(
                 "crm_analytics_capture",
                 Some(&function),
                 format!(
-                    "CREATE TRIGGER crm_analytics_capture AFTER INSERT OR DELETE ON {qualified}
+                    "CREATE OR REPLACE TRIGGER crm_analytics_capture AFTER INSERT OR DELETE ON {qualified}
                      FOR EACH ROW EXECUTE FUNCTION {function}"
                 ),
             ),
@@ -184,7 +196,7 @@ pub async fn attach_with(
                 "crm_analytics_capture_update",
                 Some(&function),
                 format!(
-                    "CREATE TRIGGER crm_analytics_capture_update AFTER UPDATE ON {qualified}
+                    "CREATE OR REPLACE TRIGGER crm_analytics_capture_update AFTER UPDATE ON {qualified}
                      FOR EACH ROW WHEN ({changed})
                      EXECUTE FUNCTION {function}"
                 ),
@@ -193,7 +205,7 @@ pub async fn attach_with(
                 "crm_analytics_notify",
                 None,
                 format!(
-                    "CREATE TRIGGER crm_analytics_notify AFTER INSERT OR UPDATE OR DELETE ON {qualified}
+                    "CREATE OR REPLACE TRIGGER crm_analytics_notify AFTER INSERT OR UPDATE OR DELETE ON {qualified}
                      FOR EACH STATEMENT EXECUTE FUNCTION crm_analytics.notify_outbox()"
                 ),
             ),
@@ -201,7 +213,7 @@ pub async fn attach_with(
                 "crm_analytics_no_truncate",
                 None,
                 format!(
-                    "CREATE TRIGGER crm_analytics_no_truncate BEFORE TRUNCATE ON {qualified}
+                    "CREATE OR REPLACE TRIGGER crm_analytics_no_truncate BEFORE TRUNCATE ON {qualified}
                      FOR EACH STATEMENT EXECUTE FUNCTION crm_analytics.refuse_truncate()"
                 ),
             ),
@@ -220,19 +232,61 @@ pub async fn attach_with(
             if present == Some(true) {
                 continue;
             }
-            if present == Some(false) {
-                // Dropped and created in this transaction: no write slips between them.
-                sqlx::raw_sql(&format!("DROP TRIGGER {name} ON {qualified}"))
-                    .execute(&mut *tx)
-                    .await?;
-            }
-            sqlx::raw_sql(&ddl).execute(&mut *tx).await?;
+            // CREATE OR REPLACE swaps a trigger in place under SHARE ROW EXCLUSIVE: CRM
+            // reads go on, and no write slips between an old and a new trigger (a DROP
+            // would take ACCESS EXCLUSIVE and stop reads too while it waits).
+            sqlx::raw_sql(&ddl)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| busy_or(e, &qualified))?;
             created += 1;
         }
+    }
+    if columns == CaptureColumns::All {
+        drop_unused_metrics_functions(&mut tx).await?;
     }
     tx.commit().await?;
     tracing::info!(?columns, "capture triggers attached");
     Ok(created)
+}
+
+/// A lock timeout on `table` as [`CaptureError::Busy`] (the transaction rolls back, so
+/// nothing changed); any other error as it is.
+fn busy_or(error: sqlx::Error, table: &str) -> CaptureError {
+    const LOCK_NOT_AVAILABLE: &str = "55P03";
+    match &error {
+        sqlx::Error::Database(db) if db.code().as_deref() == Some(LOCK_NOT_AVAILABLE) => {
+            tracing::warn!(
+                table,
+                lock_timeout = LOCK_TIMEOUT,
+                "capture trigger change timed out on a lock"
+            );
+            CaptureError::Busy {
+                table: table.to_string(),
+            }
+        }
+        _ => CaptureError::Database(error),
+    }
+}
+
+/// Drops the `metrics` capture functions no trigger calls any more (after a switch back to
+/// `all`), so the database keeps no stale capture code.
+async fn drop_unused_metrics_functions(tx: &mut sqlx::PgConnection) -> Result<(), CaptureError> {
+    let unused: Vec<String> = sqlx::query_scalar(
+        "SELECT p.oid::regprocedure::text FROM pg_proc p
+         WHERE p.pronamespace = to_regnamespace('crm_analytics')
+           AND p.proname LIKE 'capture\\_%\\_metrics'
+           AND NOT EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgfoid = p.oid)",
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    for function in unused {
+        // A regprocedure's text is already a qualified, quoted signature.
+        sqlx::raw_sql(&format!("DROP FUNCTION {function}"))
+            .execute(&mut *tx)
+            .await?;
+    }
+    Ok(())
 }
 
 /// What the attached triggers capture now: the per-table functions mean `metrics`.

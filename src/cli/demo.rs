@@ -161,15 +161,15 @@ pub async fn run(db: &DatabaseArgs, args: DemoArgs) -> anyhow::Result<()> {
         applied as f64 / seconds,
     );
 
-    let differences = super::verify(&pipeline.crm, &pipeline.analytics, &db.crm_schema).await?;
-    if differences.is_empty() {
+    let found = super::verify(&pipeline.crm, &pipeline.analytics, &db.crm_schema, 10).await?;
+    if found.differences == 0 {
         println!("✔ every aggregate equals a full recomputation over the CRM tables");
     } else {
         println!(
             "✘ {} aggregate rows differ from a recomputation:",
-            differences.len()
+            found.differences
         );
-        for line in differences.iter().take(10) {
+        for line in &found.shown {
             println!("  {line}");
         }
     }

@@ -195,7 +195,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             let analytics =
                 crate::db::connect(db.analytics_url()?, db.analytics_setting(), 4).await?;
             require_installed(db, Some(&crm), Some(&analytics)).await?;
-            let found = verify_report(&crm, &analytics, &db.crm_schema, VERIFY_SHOWN).await?;
+            let found = verify(&crm, &analytics, &db.crm_schema, VERIFY_SHOWN).await?;
             if found.differences == 0 {
                 println!("aggregates match a full recomputation");
             } else {
@@ -410,7 +410,7 @@ pub const VERIFY_SHOWN: usize = 1000;
 
 /// Compares the aggregates with a recomputation, streaming both in key order (bounded
 /// memory at any size): the number of differing rows and the first `shown` of them.
-pub async fn verify_report(
+pub async fn verify(
     crm: &sqlx::PgPool,
     analytics: &sqlx::PgPool,
     crm_schema: &str,
@@ -428,22 +428,6 @@ pub async fn verify_report(
     let found =
         crate::aggregates::recompute::compare(&mut crm, &mut analytics, crm_schema, shown).await?;
     Ok(found)
-}
-
-/// Differences between the aggregates and a recomputation, one line each (the first
-/// [`VERIFY_SHOWN`]; a last line counts the rest).
-pub async fn verify(
-    crm: &sqlx::PgPool,
-    analytics: &sqlx::PgPool,
-    crm_schema: &str,
-) -> anyhow::Result<Vec<String>> {
-    let found = verify_report(crm, analytics, crm_schema, VERIFY_SHOWN).await?;
-    let mut lines = found.shown;
-    let hidden = found.differences - lines.len() as u64;
-    if hidden > 0 {
-        lines.push(format!("... and {hidden} more differences"));
-    }
-    Ok(lines)
 }
 
 /// Stops a command that needs our schemas with "run `crm-analytics migrate`" when they are
