@@ -597,6 +597,18 @@ async fn links_never_carry_a_host_from_the_request() {
     );
     let all = common::get_all(&server.base, "/api/event-counts/?limit=1").await;
     assert_eq!(all.len(), 3, "following absolute links visits every row");
+    // The slash redirect points under the public URL too (it may carry a proxy's prefix).
+    let response = common::client()
+        .get(format!("{}/api/event-counts?limit=1", server.base))
+        .header("host", "evil.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 301);
+    assert_eq!(
+        response.headers()["location"],
+        format!("{}/api/event-counts/?limit=1", server.base).as_str()
+    );
     teardown(db, pool, server).await;
 }
 

@@ -101,6 +101,11 @@ async fn the_outbox_lag_stays_visible_while_analytics_is_down() {
     assert_eq!(health["databases"]["crm"], "up");
     assert_eq!(health["databases"]["analytics"], "unreachable");
     assert_eq!(health["outbox_lag"], 7);
+    // A metric list cannot be answered: 503 (retry later), not a 500 (a bug).
+    for path in ["/api/funnel-metrics/", "/api/daily-metrics/?limit=1"] {
+        let (status, body) = common::get_json(&base, path).await;
+        assert_eq!(status, 503, "{path}: {body}");
+    }
     assert!(health["queue_depth"].is_null());
     assert!(
         health["detail"].as_str().unwrap().contains("analytics"),

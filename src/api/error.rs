@@ -17,8 +17,34 @@ pub enum ApiError {
 }
 
 impl From<sqlx::Error> for ApiError {
+    /// A database that cannot be reached (or is going away) is a 503, which clients and
+    /// load balancers retry, not a 500: nothing is wrong with the request or with us.
     fn from(error: sqlx::Error) -> Self {
-        ApiError::Internal(error.to_string())
+        if unreachable(&error) {
+            ApiError::Unavailable(error.to_string())
+        } else {
+            ApiError::Internal(error.to_string())
+        }
+    }
+}
+
+/// Errors that say the database is not there right now, rather than that a query failed.
+fn unreachable(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            // 08 connection exception, 57P admin shutdown / cannot connect now,
+            // 53 insufficient resources, 3D000 database does not exist (dropped).
+            code.starts_with("08")
+                || code.starts_with("57P")
+                || code.starts_with("53")
+                || code == "3D000"
+        }),
+        _ => false,
     }
 }
 

@@ -129,14 +129,16 @@ pub fn router(
 }
 
 /// DRF's APPEND_SLASH: a known route without its slash redirects, keeping the query.
-async fn fallback(uri: Uri) -> Response {
+/// The target is under the configured public URL, like the pagination links: behind a
+/// proxy that adds a path prefix, a bare `/api/…` would leave it.
+async fn fallback(Extension(links): Extension<query::Links>, uri: Uri) -> Response {
     let path = uri.path();
     if !path.ends_with('/') {
         let slashed = format!("{path}/");
         if API_ROUTES.contains(&slashed.as_str()) {
             let target = match uri.query() {
-                Some(q) => format!("{slashed}?{q}"),
-                None => slashed,
+                Some(q) => links.to(&format!("{slashed}?{q}")),
+                None => links.to(&slashed),
             };
             // 301 as Django's APPEND_SLASH answers (axum's permanent redirect is a 308).
             return (StatusCode::MOVED_PERMANENTLY, [(header::LOCATION, target)]).into_response();

@@ -147,8 +147,13 @@ impl Params {
                         .and_then(|v| v.parse::<i64>().ok())
                         .filter(|n| (min..=max).contains(n))
                         .ok_or_else(|| {
+                            let accepted = if name == "limit" {
+                                format!("a whole number of at least {min} (values above {MAX_LIMIT} count as {MAX_LIMIT})")
+                            } else {
+                                format!("a whole number from {min} to {max}")
+                            };
                             ApiError::BadRequest(format!(
-                                "{name}={} is not valid; use a whole number from {min} to {max}",
+                                "{name}={} is not valid; use {accepted}",
                                 shown(v)
                             ))
                         })
@@ -196,6 +201,12 @@ pub struct Links {
 }
 
 impl Links {
+    /// `path` (absolute, from the root of this server) as clients must request it: under
+    /// the public URL when one is configured (it may carry a path prefix of a proxy).
+    pub fn to(&self, path: &str) -> String {
+        format!("{}{path}", self.public_url.as_deref().unwrap_or_default())
+    }
+
     /// `public_url`: scheme, host and any path prefix the API is reached at, without a
     /// trailing slash (see `config::parse_public_url`).
     pub fn new(public_url: Option<&str>) -> Self {
