@@ -133,14 +133,16 @@ pub struct PipelineArgs {
     #[arg(long, env = "CRM_ANALYTICS_WORKERS", value_parser = clap::value_parser!(u32).range(1..=256))]
     pub workers: Option<u32>,
 
-    /// Connections to the CRM database this process may open (default: relays + 4, at
-    /// most 40). Checked at start against the server's free connections.
+    /// Connections to the CRM database this process may open (default: its minimum plus 2,
+    /// at most 40 unless the minimum is more; at least relays + 2, or 1 without a relay,
+    /// and 1 more with the API). Checked at start against the server's free connections.
     #[arg(long, env = "CRM_ANALYTICS_CRM_POOL_SIZE", value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub crm_pool_size: Option<u32>,
 
-    /// Connections to the analytics database this process may open (default: two per
-    /// worker plus 8, at most 40; at least two per worker plus 2). Checked at start
-    /// against the server's free connections.
+    /// Connections to the analytics database this process may open (default: its minimum
+    /// plus 6, at most 40 unless the minimum is more; at least two per worker, one per
+    /// relay loop and 2, and 2 more with the API). Checked at start against the server's
+    /// free connections.
     #[arg(long, env = "CRM_ANALYTICS_ANALYTICS_POOL_SIZE", value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub analytics_pool_size: Option<u32>,
 

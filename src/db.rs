@@ -5,6 +5,10 @@ use sqlx::{Connection, PgConnection, PgPool};
 use std::str::FromStr;
 use std::time::Duration;
 
+/// Longest wait for a new connection to be established (TCP, TLS, login): an address that
+/// never answers fails after this instead of the operating system's much longer timeout.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Connects a pool to `url`; `setting` names where the URL came from (a variable or a flag).
 pub async fn connect(url: &str, setting: &str, max_connections: u32) -> anyhow::Result<PgPool> {
     let options = parse_url(url, setting)?;
@@ -12,18 +16,34 @@ pub async fn connect(url: &str, setting: &str, max_connections: u32) -> anyhow::
     let failed = |e: sqlx::Error| connect_error(url, setting, &options, e);
     // One direct attempt first, so that a wrong address fails at once instead of after the
     // pool's acquire timeout.
-    PgConnection::connect_with(&options)
-        .await
-        .map_err(failed)?
+    connect_once(url, setting, &options)
+        .await?
         .close()
         .await
         .map_err(failed)?;
     PgPoolOptions::new()
         .max_connections(max_connections)
-        .acquire_timeout(Duration::from_secs(10))
+        .acquire_timeout(CONNECT_TIMEOUT)
         .connect_with(options.clone())
         .await
         .map_err(failed)
+}
+
+/// One connection, within CONNECT_TIMEOUT.
+async fn connect_once(
+    url: &str,
+    setting: &str,
+    options: &PgConnectOptions,
+) -> anyhow::Result<PgConnection> {
+    match tokio::time::timeout(CONNECT_TIMEOUT, PgConnection::connect_with(options)).await {
+        Ok(connected) => connected.map_err(|e| connect_error(url, setting, options, e)),
+        Err(_) => Err(anyhow::anyhow!(
+            "cannot connect to PostgreSQL at {} ({setting}): no answer within \
+             {CONNECT_TIMEOUT:?}. Check that the address is right and PostgreSQL is running \
+             and reachable, or fix {setting}",
+            redact(url)
+        )),
+    }
 }
 
 const EXPECTED_FORM: &str = "postgres://user:password@host:5432/database";
@@ -94,14 +114,14 @@ pub struct PoolRequest<'a> {
 }
 
 /// Fails with the settings to change when a PostgreSQL server cannot take the pools that
-/// will connect to it: pools to the same host and port add up, and the room is
-/// max_connections, less the slots reserved for superusers (unless we are one), less the
-/// client connections open right now.
+/// will connect to it: pools to the same server add up (localhost, 127.0.0.1 and ::1 are
+/// one), and the room is max_connections, less the slots reserved for others (see
+/// [`Slots::room`]), less the client connections open right now.
 pub async fn check_room(requests: &[PoolRequest<'_>]) -> anyhow::Result<()> {
     let mut servers: Vec<(String, u16, Vec<&PoolRequest<'_>>)> = Vec::new();
     for request in requests {
         let options = parse_url(request.url, request.url_setting)?;
-        let (host, port) = (options.get_host().to_string(), options.get_port());
+        let (host, port) = (server_key(options.get_host()), options.get_port());
         match servers
             .iter_mut()
             .find(|(h, p, _)| *h == host && *p == port)
@@ -114,21 +134,52 @@ pub async fn check_room(requests: &[PoolRequest<'_>]) -> anyhow::Result<()> {
         let first = pools[0];
         let options = plain_on_loopback(first.url, parse_url(first.url, first.url_setting)?);
         let unreachable = |e: sqlx::Error| connect_error(first.url, first.url_setting, &options, e);
-        let mut conn = PgConnection::connect_with(&options)
+        let mut conn = connect_once(first.url, first.url_setting, &options).await?;
+        // reserved_connections (PostgreSQL 16+) is NULL where the setting does not exist;
+        // membership of pg_use_reserved_connections is asked only where that role exists.
+        let read = async {
+            let (max, superuser_reserved, reserved, superuser, in_use): (
+                i32,
+                i32,
+                Option<i32>,
+                bool,
+                i64,
+            ) = sqlx::query_as(
+                "SELECT current_setting('max_connections')::int4,
+                        current_setting('superuser_reserved_connections')::int4,
+                        current_setting('reserved_connections', true)::int4,
+                        (SELECT rolsuper FROM pg_roles WHERE rolname = current_user),
+                        (SELECT count(*) FROM pg_stat_activity
+                          WHERE backend_type = 'client backend')",
+            )
+            .fetch_one(&mut conn)
+            .await?;
+            let may_use_reserved: Option<bool> = sqlx::query_scalar(
+                "SELECT pg_has_role(oid, 'MEMBER') FROM pg_roles
+                  WHERE rolname = 'pg_use_reserved_connections'",
+            )
+            .fetch_optional(&mut conn)
+            .await?;
+            Ok::<_, sqlx::Error>(Slots {
+                max,
+                superuser_reserved,
+                reserved: reserved.unwrap_or(0),
+                superuser,
+                may_use_reserved: may_use_reserved.unwrap_or(false),
+                in_use,
+            })
+        };
+        let slots = tokio::time::timeout(CONNECT_TIMEOUT, read)
             .await
-            .map_err(unreachable)?;
-        let (max, reserved, in_use): (i32, i32, i64) = sqlx::query_as(
-            "SELECT current_setting('max_connections')::int4,
-                    CASE WHEN (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)
-                         THEN 0 ELSE current_setting('superuser_reserved_connections')::int4 END,
-                    (SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend')",
-        )
-        .fetch_one(&mut conn)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot read max_connections at {host}:{port}: {e}"))?;
+            .map_err(|_| {
+                anyhow::anyhow!(
+                    "cannot read max_connections at {host}:{port}: no answer within \
+                     {CONNECT_TIMEOUT:?}"
+                )
+            })?
+            .map_err(|e| anyhow::anyhow!("cannot read max_connections at {host}:{port}: {e}"))?;
         conn.close().await.map_err(unreachable)?;
-        // This check's own connection is closed again: it does not count.
-        let room = i64::from(max) - i64::from(reserved) - (in_use - 1);
+        let room = slots.room();
         let wanted: i64 = pools.iter().map(|p| i64::from(p.size)).sum();
         if wanted > room {
             let sizes: Vec<String> = pools
@@ -138,17 +189,70 @@ pub async fn check_room(requests: &[PoolRequest<'_>]) -> anyhow::Result<()> {
             let settings: Vec<&str> = pools.iter().map(|p| p.size_setting).collect();
             anyhow::bail!(
                 "the connection pools need up to {wanted} connections to the PostgreSQL server at \
-                 {host}:{port} ({}), but it has room for {} more (max_connections {max}, \
-                 {reserved} reserved for superusers, {} in use): lower {} (or \
+                 {host}:{port} ({}), but it has room for {} more (max_connections {}, \
+                 {} reserved for other roles, {} in use): lower {} (or \
                  CRM_ANALYTICS_WORKERS), or raise max_connections on the server",
                 sizes.join(", "),
                 room.max(0),
-                in_use - 1,
+                slots.max,
+                slots.reserved_for_others(),
+                slots.in_use - 1,
                 settings.join(" or ")
             );
         }
     }
     Ok(())
+}
+
+/// The server's connection slots as seen by our role.
+#[derive(Debug, Clone, Copy)]
+struct Slots {
+    max: i32,
+    superuser_reserved: i32,
+    /// reserved_connections (PostgreSQL 16+; 0 before).
+    reserved: i32,
+    superuser: bool,
+    /// Member of pg_use_reserved_connections (PostgreSQL 16+).
+    may_use_reserved: bool,
+    /// Client connections open, this check's own included.
+    in_use: i64,
+}
+
+impl Slots {
+    /// Slots our role cannot use: superusers use all; other roles lose the superuser
+    /// slots, and the reserved_connections slots unless they may use those.
+    fn reserved_for_others(&self) -> i32 {
+        if self.superuser {
+            return 0;
+        }
+        let reserved = if self.may_use_reserved {
+            0
+        } else {
+            self.reserved
+        };
+        self.superuser_reserved + reserved
+    }
+
+    /// Connections our pools may still open (this check's own connection, closed again,
+    /// does not count).
+    fn room(&self) -> i64 {
+        i64::from(self.max) - i64::from(self.reserved_for_others()) - (self.in_use - 1)
+    }
+}
+
+/// One name per server for adding up pools: the loopback names (localhost, 127.0.0.1,
+/// ::1, [::1]) are the same server; other hosts compare case-insensitively.
+fn server_key(host: &str) -> String {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let loopback = host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if loopback {
+        "localhost".to_string()
+    } else {
+        host.to_ascii_lowercase()
+    }
 }
 
 /// Connections to this same host skip TLS unless the URL (sslmode=...) or PGSSLMODE asks
@@ -264,6 +368,45 @@ mod tests {
             redact("postgres://u@h/db?sslmode=require&password=secret"),
             "postgres://u@h/db?sslmode=require&password=***"
         );
+    }
+
+    #[test]
+    fn loopback_names_are_one_server() {
+        for host in [
+            "localhost",
+            "LOCALHOST",
+            "127.0.0.1",
+            "127.0.0.2",
+            "::1",
+            "[::1]",
+        ] {
+            assert_eq!(server_key(host), "localhost", "{host}");
+        }
+        assert_eq!(server_key("DB.example.com"), "db.example.com");
+        assert_ne!(server_key("10.0.0.1"), server_key("localhost"));
+    }
+
+    #[test]
+    fn reserved_connections_count_unless_the_role_may_use_them() {
+        let slots = Slots {
+            max: 100,
+            superuser_reserved: 3,
+            reserved: 5,
+            superuser: false,
+            may_use_reserved: false,
+            in_use: 11,
+        };
+        assert_eq!(slots.room(), 100 - 3 - 5 - 10);
+        let member = Slots {
+            may_use_reserved: true,
+            ..slots
+        };
+        assert_eq!(member.room(), 100 - 3 - 10);
+        let superuser = Slots {
+            superuser: true,
+            ..slots
+        };
+        assert_eq!(superuser.room(), 100 - 10);
     }
 
     #[test]

@@ -20,6 +20,14 @@ pub struct Roles {
     pub workers: bool,
 }
 
+impl Roles {
+    /// Relay and workers.
+    pub const ALL: Roles = Roles {
+        relay: true,
+        workers: true,
+    };
+}
+
 pub struct Pipeline {
     pub crm: PgPool,
     pub analytics: PgPool,
@@ -53,65 +61,132 @@ pub fn open_archive(args: &PipelineArgs) -> anyhow::Result<Option<Archive>> {
 }
 
 /// Most connections a pool opens by default; larger pools are set explicitly
-/// (CRM_ANALYTICS_CRM_POOL_SIZE, CRM_ANALYTICS_ANALYTICS_POOL_SIZE).
+/// (CRM_ANALYTICS_CRM_POOL_SIZE, CRM_ANALYTICS_ANALYTICS_POOL_SIZE). A default never falls
+/// below its pool's minimum, though: the cap must not make a default refuse itself.
 pub const DEFAULT_POOL_CAP: u32 = 40;
 
-/// Connections the analytics pool needs so that no stage ever waits for another's: per
-/// worker a queue lease and an apply transaction; one each for the queue listener, the
-/// relay's publishing, maintenance and status, and a few for the API server. Capped.
+/// Connections a default analytics pool keeps beyond its minimum, for maintenance, status
+/// reads and API queries that arrive while every stage holds its own.
+const ANALYTICS_HEADROOM: u32 = 6;
+/// The same for the CRM pool, which only maintenance and status share with the relays.
+const CRM_HEADROOM: u32 = 2;
+
+/// What one process runs, which decides how many connections each pool needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolNeeds {
+    /// Relay loops (0: no relay in this process).
+    pub relays: usize,
+    /// Workers (0: no workers in this process).
+    pub workers: usize,
+    /// Whether this process also serves the API (its cache listener and its queries).
+    pub serving: bool,
+}
+
+impl PoolNeeds {
+    /// The needs of a process running `roles` with these settings.
+    pub fn of(args: &PipelineArgs, roles: Roles, serving: bool) -> Self {
+        Self {
+            relays: if roles.relay { args.relays as usize } else { 0 },
+            workers: if roles.workers { args.workers() } else { 0 },
+            serving,
+        }
+    }
+
+    /// The least analytics pool that cannot starve: a lease and an apply transaction per
+    /// worker, a publish per relay loop, the queue listener and one to spare (maintenance,
+    /// status); serving adds the response cache's listener and one for API queries.
+    pub fn analytics_minimum(&self) -> u32 {
+        let serving = if self.serving { 2 } else { 0 };
+        saturate(self.workers * 2 + self.relays + 2 + serving)
+    }
+
+    /// The least CRM pool: a claim per relay loop, the outbox listener and the sleep flag;
+    /// without relays one for maintenance and status; serving adds one for API reads.
+    pub fn crm_minimum(&self) -> u32 {
+        let base = if self.relays > 0 { self.relays + 2 } else { 1 };
+        saturate(base + usize::from(self.serving))
+    }
+
+    /// The analytics pool's default: the minimum plus headroom, capped, never below the
+    /// minimum.
+    pub fn analytics_default(&self) -> u32 {
+        with_headroom(self.analytics_minimum(), ANALYTICS_HEADROOM)
+    }
+
+    /// The CRM pool's default: the minimum plus headroom, capped, never below the minimum.
+    pub fn crm_default(&self) -> u32 {
+        with_headroom(self.crm_minimum(), CRM_HEADROOM)
+    }
+}
+
+fn saturate(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+fn with_headroom(minimum: u32, headroom: u32) -> u32 {
+    minimum
+        .saturating_add(headroom)
+        .min(DEFAULT_POOL_CAP)
+        .max(minimum)
+}
+
+/// The default analytics pool of a worker process (two per worker plus 8, capped, never
+/// below the minimum).
 pub fn analytics_pool_size(workers: usize) -> u32 {
-    u32::try_from(workers * 2 + 8)
-        .unwrap_or(u32::MAX)
-        .min(DEFAULT_POOL_CAP)
+    PoolNeeds {
+        relays: 0,
+        workers,
+        serving: false,
+    }
+    .analytics_default()
 }
 
-/// The least analytics pool that cannot starve: a lease and an apply transaction per
-/// worker, plus the queue listener and one to spare.
-pub fn analytics_pool_minimum(workers: usize) -> u32 {
-    u32::try_from(workers * 2 + 2).unwrap_or(u32::MAX)
-}
-
-/// Connections of the CRM pool: one claim per relay loop, plus the outbox listener,
-/// the sleep flag, maintenance and status. Capped.
+/// The default CRM pool of a relay process (relays + 4, capped, never below the minimum).
 pub fn crm_pool_size(relays: usize) -> u32 {
-    u32::try_from(relays + 4)
-        .unwrap_or(u32::MAX)
-        .min(DEFAULT_POOL_CAP)
+    PoolNeeds {
+        relays,
+        workers: 0,
+        serving: false,
+    }
+    .crm_default()
 }
 
 impl PipelineArgs {
-    /// The CRM pool's size: the setting, or the default for the relay loops.
-    pub fn crm_connections(&self) -> u32 {
-        self.crm_pool_size
-            .unwrap_or_else(|| crm_pool_size(self.relays as usize))
+    /// The CRM pool's size: the setting, or the default for what the process runs.
+    pub fn crm_connections(&self, needs: &PoolNeeds) -> u32 {
+        self.crm_pool_size.unwrap_or_else(|| needs.crm_default())
     }
 
-    /// The analytics pool's size: the setting, or the default for the workers.
-    pub fn analytics_connections(&self) -> u32 {
+    /// The analytics pool's size: the setting, or the default for what the process runs.
+    pub fn analytics_connections(&self, needs: &PoolNeeds) -> u32 {
         self.analytics_pool_size
-            .unwrap_or_else(|| analytics_pool_size(self.workers()))
+            .unwrap_or_else(|| needs.analytics_default())
     }
 
-    /// Refuses an analytics pool too small for the workers (they would wait on each other
-    /// for connections until the pool's acquire timeout, again and again).
-    pub fn check_pool_sizes(&self) -> anyhow::Result<()> {
-        let (relays, size) = (self.relays, self.crm_connections());
-        // A claim per relay loop, the outbox listener and the sleep flag.
-        if size < relays + 2 {
+    /// Refuses pools too small for what the process runs (its stages would wait on each
+    /// other for connections until the pool's acquire timeout, again and again).
+    pub fn check_pool_sizes(&self, needs: &PoolNeeds) -> anyhow::Result<()> {
+        let (size, needed) = (self.crm_connections(needs), needs.crm_minimum());
+        if size < needed {
             anyhow::bail!(
                 "the CRM pool ({size} connections, CRM_ANALYTICS_CRM_POOL_SIZE) is too small for \
-                 {relays} relay loops, which need at least {}: raise CRM_ANALYTICS_CRM_POOL_SIZE \
-                 or lower CRM_ANALYTICS_RELAYS",
-                relays + 2
+                 {} relay loops{}, which need at least {needed}: raise \
+                 CRM_ANALYTICS_CRM_POOL_SIZE or lower CRM_ANALYTICS_RELAYS",
+                needs.relays,
+                if needs.serving { " and the API" } else { "" },
             );
         }
-        let (workers, size) = (self.workers(), self.analytics_connections());
-        let needed = analytics_pool_minimum(workers);
+        let (size, needed) = (self.analytics_connections(needs), needs.analytics_minimum());
         if size < needed {
             anyhow::bail!(
                 "the analytics pool ({size} connections, CRM_ANALYTICS_ANALYTICS_POOL_SIZE) is too \
-                 small for {workers} workers, which need at least {needed} (two each, plus two): \
-                 raise CRM_ANALYTICS_ANALYTICS_POOL_SIZE or lower CRM_ANALYTICS_WORKERS"
+                 small for {} workers and {} relay loops{}, which need at least {needed} (two per \
+                 worker, one per relay loop, two more, and two for the API): raise \
+                 CRM_ANALYTICS_ANALYTICS_POOL_SIZE or lower CRM_ANALYTICS_WORKERS or \
+                 CRM_ANALYTICS_RELAYS",
+                needs.workers,
+                needs.relays,
+                if needs.serving { " and the API" } else { "" },
             );
         }
         Ok(())
@@ -119,9 +194,24 @@ impl PipelineArgs {
 }
 
 impl Pipeline {
+    /// Connects pools sized for every stage (relay and workers), without the API.
     pub async fn connect(db: &DatabaseArgs, args: &PipelineArgs) -> anyhow::Result<Self> {
-        args.check_pool_sizes()?;
-        let (crm_size, analytics_size) = (args.crm_connections(), args.analytics_connections());
+        Self::connect_for(db, args, Roles::ALL, false).await
+    }
+
+    /// Connects pools sized for the stages this process runs (and the API when `serving`).
+    pub async fn connect_for(
+        db: &DatabaseArgs,
+        args: &PipelineArgs,
+        roles: Roles,
+        serving: bool,
+    ) -> anyhow::Result<Self> {
+        let needs = PoolNeeds::of(args, roles, serving);
+        args.check_pool_sizes(&needs)?;
+        let (crm_size, analytics_size) = (
+            args.crm_connections(&needs),
+            args.analytics_connections(&needs),
+        );
         // Before any pool opens: a server that cannot fit them fails now, not under load.
         crate::db::check_room(&[
             crate::db::PoolRequest {
@@ -294,4 +384,75 @@ pub fn shutdown_on_signals() -> CancellationToken {
         trigger.cancel();
     });
     token
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(flags: &[&str]) -> PipelineArgs {
+        let mut argv = vec!["crm-analytics"];
+        argv.extend_from_slice(flags);
+        DefaultsOnly::parse_from(argv).pipeline
+    }
+
+    const ROLES: [Roles; 3] = [
+        Roles::ALL,
+        Roles {
+            relay: true,
+            workers: false,
+        },
+        Roles {
+            relay: false,
+            workers: true,
+        },
+    ];
+
+    #[test]
+    fn default_pools_pass_their_own_check() {
+        for workers in [1, 8, 16, 19, 20, 40, 256] {
+            for relays in [1, 2, 38, 39, 64] {
+                let args = args(&[
+                    "--workers",
+                    &workers.to_string(),
+                    "--relays",
+                    &relays.to_string(),
+                ]);
+                for roles in ROLES {
+                    for serving in [false, true] {
+                        let needs = PoolNeeds::of(&args, roles, serving);
+                        assert!(
+                            args.check_pool_sizes(&needs).is_ok(),
+                            "{workers} workers, {relays} relays, {roles:?}, serving {serving}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_analytics_minimum_counts_relays_and_the_api() {
+        let args = args(&["--workers", "16", "--relays", "2"]);
+        let run = PoolNeeds::of(&args, Roles::ALL, true);
+        // 2 per worker, a publish per relay loop, listener and spare, cache listener and query.
+        assert_eq!(run.analytics_minimum(), 32 + 2 + 2 + 2);
+        let worker = PoolNeeds::of(&args, ROLES[2], false);
+        assert_eq!(worker.analytics_minimum(), 34);
+        assert_eq!(analytics_pool_size(16), 40);
+        assert_eq!(crm_pool_size(2), 6);
+        // A relay-only process is not sized for workers it does not run.
+        let relay = PoolNeeds::of(&args, ROLES[1], false);
+        assert_eq!(relay.analytics_minimum(), 4);
+        let small = PipelineArgs {
+            analytics_pool_size: Some(4),
+            ..args.clone()
+        };
+        assert!(small.check_pool_sizes(&relay).is_ok());
+        let error = small
+            .check_pool_sizes(&run)
+            .expect_err("too small for run")
+            .to_string();
+        assert!(error.contains("at least 38"), "{error}");
+    }
 }

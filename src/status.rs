@@ -96,38 +96,67 @@ pub async fn read_analytics(
     })
 }
 
+/// Why one database's side could not be read.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Unread {
+    /// Every connection of this process's pool was in use and none came free in time: the
+    /// database answers the stages holding them, only this read had to wait. Not an outage.
+    Busy(String),
+    /// The database failed or did not answer.
+    Unreachable(String),
+}
+
+impl Unread {
+    /// "busy" or "unreachable", as health and `status --json` show it.
+    pub fn state(&self) -> &'static str {
+        match self {
+            Unread::Busy(_) => "busy",
+            Unread::Unreachable(_) => "unreachable",
+        }
+    }
+}
+
+impl std::fmt::Display for Unread {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Unread::Busy(detail) | Unread::Unreachable(detail) => f.write_str(detail),
+        }
+    }
+}
+
 /// Each database's side on its own: one being down leaves the other's numbers readable.
 #[derive(Debug)]
 pub struct Report {
     /// The CRM's outbox lag, or why it could not be read.
-    pub crm: Result<OutboxLag, String>,
+    pub crm: Result<OutboxLag, Unread>,
     /// The analytics side, or why it could not be read.
-    pub analytics: Result<AnalyticsStatus, String>,
+    pub analytics: Result<AnalyticsStatus, Unread>,
 }
 
 impl Report {
     /// Both sides read, each within READ_TIMEOUT.
     pub async fn read(crm: &PgPool, analytics: &PgPool, queue: &dyn Queue) -> Self {
         let (crm, analytics) = tokio::join!(
-            bounded(read_crm(crm)),
-            bounded(read_analytics(analytics, queue))
+            read_crm_bounded(crm),
+            read_analytics_bounded(analytics, queue)
         );
         Self { crm, analytics }
     }
 
-    /// The names of the databases that did not answer ("crm", "analytics").
+    /// The names of the databases that did not answer ("crm", "analytics"); a busy pool
+    /// is not among them.
     pub fn unreachable(&self) -> Vec<&'static str> {
         let mut names = Vec::new();
-        if self.crm.is_err() {
+        if matches!(self.crm, Err(Unread::Unreachable(_))) {
             names.push("crm");
         }
-        if self.analytics.is_err() {
+        if matches!(self.analytics, Err(Unread::Unreachable(_))) {
             names.push("analytics");
         }
         names
     }
 
-    /// The whole status, or an error naming each database that did not answer.
+    /// The whole status, or an error naming each database that could not be read.
     pub fn into_status(self) -> anyhow::Result<Status> {
         match (self.crm, self.analytics) {
             (Ok(lag), Ok(analytics)) => Ok(Status {
@@ -140,10 +169,13 @@ impl Report {
             (crm, analytics) => {
                 let mut problems = Vec::new();
                 if let Err(error) = crm {
-                    problems.push(format!("the CRM database is unreachable: {error}"));
+                    problems.push(format!("the CRM database is {}: {error}", error.state()));
                 }
                 if let Err(error) = analytics {
-                    problems.push(format!("the analytics database is unreachable: {error}"));
+                    problems.push(format!(
+                        "the analytics database is {}: {error}",
+                        error.state()
+                    ));
                 }
                 Err(anyhow::anyhow!(problems.join("; ")))
             }
@@ -151,14 +183,54 @@ impl Report {
     }
 }
 
+/// The CRM side within READ_TIMEOUT.
+pub async fn read_crm_bounded(crm: &PgPool) -> Result<OutboxLag, Unread> {
+    bounded(crm, read_crm(crm)).await
+}
+
+/// The analytics side within READ_TIMEOUT.
+pub async fn read_analytics_bounded(
+    analytics: &PgPool,
+    queue: &dyn Queue,
+) -> Result<AnalyticsStatus, Unread> {
+    bounded(analytics, read_analytics(analytics, queue)).await
+}
+
+/// Runs `read` within READ_TIMEOUT. A read that failed or timed out while every
+/// connection of `pool` was checked out waited for the pool, not for the database: that
+/// is reported as busy, so that a pipeline using all its connections raises no alarm.
 async fn bounded<T>(
+    pool: &PgPool,
     read: impl std::future::Future<Output = anyhow::Result<T>>,
-) -> Result<T, String> {
-    match tokio::time::timeout(READ_TIMEOUT, read).await {
+) -> Result<T, Unread> {
+    let outcome = tokio::time::timeout(READ_TIMEOUT, read).await;
+    let max = pool.options().get_max_connections();
+    let saturated = pool.size() >= max && pool.num_idle() == 0;
+    let busy = || {
+        Unread::Busy(format!(
+            "all {max} connections of the pool are in use and none came free within \
+             {READ_TIMEOUT:?}"
+        ))
+    };
+    match outcome {
         Ok(Ok(value)) => Ok(value),
-        Ok(Err(error)) => Err(format!("{error:#}")),
-        Err(_) => Err(format!("no answer within {READ_TIMEOUT:?}")),
+        Ok(Err(error)) if saturated && waited_for_pool(&error) => Err(busy()),
+        Ok(Err(error)) => Err(Unread::Unreachable(format!("{error:#}"))),
+        Err(_) if saturated => Err(busy()),
+        Err(_) => Err(Unread::Unreachable(format!(
+            "no answer within {READ_TIMEOUT:?}"
+        ))),
     }
+}
+
+/// Whether `error` is the pool's acquire timeout (directly or through the queue).
+fn waited_for_pool(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<sqlx::Error>(),
+            Some(sqlx::Error::PoolTimedOut)
+        )
+    })
 }
 
 /// Both databases' monitoring points; fails naming the database that did not answer.

@@ -163,3 +163,122 @@ async fn a_large_backlog_is_estimated_without_counting_it() {
     );
     db.finish(pool).await;
 }
+
+#[tokio::test]
+async fn a_pool_with_every_connection_in_use_is_busy_not_unreachable() {
+    let (db, crm) = TestDb::migrated().await;
+    // A small analytics pool: the queue's listener holds one, a stage holds the rest.
+    let analytics = db.pool(2).await;
+    let queue = PostgresQueue::connect(analytics.clone(), u64::MAX)
+        .await
+        .unwrap();
+    let held = analytics.acquire().await.unwrap();
+    let report = crm_analytics::status::Report::read(&crm, &analytics, &queue).await;
+    assert!(report.crm.is_ok(), "{report:?}");
+    assert!(
+        matches!(
+            report.analytics,
+            Err(crm_analytics::status::Unread::Busy(_))
+        ),
+        "{report:?}"
+    );
+    assert!(report.unreachable().is_empty(), "{report:?}");
+
+    // Health says "busy" without a 503, and /metrics keeps database_up at 1.
+    let state = crm_analytics::api::AppState {
+        crm: crm.clone(),
+        analytics: analytics.clone(),
+        queue: Arc::new(queue),
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let stop = CancellationToken::new();
+    let options = crm_analytics::api::ServeOptions {
+        tokens: crm_analytics::api::auth::Tokens::parse(TOKEN),
+        cache_ttl: std::time::Duration::from_secs(0),
+        public_url: None,
+    };
+    let server = tokio::spawn(crm_analytics::api::serve_on(
+        listener,
+        state,
+        options,
+        stop.clone(),
+    ));
+    let (status, health) = common::get_json(&base, "/api/health/").await;
+    assert_eq!(status, 200, "{health}");
+    assert_eq!(health["databases"]["analytics"], "busy", "{health}");
+    assert_eq!(health["databases"]["crm"], "up", "{health}");
+    let text = common::client()
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        gauge(&text, "crm_analytics_pool_busy{database=\"analytics\"}"),
+        1.0
+    );
+    assert_ne!(
+        text.lines()
+            .find(|l| l.starts_with("crm_analytics_database_up{database=\"analytics\"}"))
+            .and_then(|l| l.rsplit(' ').next()),
+        Some("0"),
+        "{text}"
+    );
+    drop(held);
+    stop.cancel();
+    let _ = server.await;
+    analytics.close().await;
+    db.finish(crm).await;
+}
+
+#[tokio::test]
+async fn status_is_bounded_when_a_server_never_answers() {
+    let (db, crm) = TestDb::migrated().await;
+    // A server that accepts TCP connections and never says a word.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_url = format!(
+        "postgres://postgres@{}/analytics",
+        silent.local_addr().unwrap()
+    );
+    // The CRM connects, but its outbox is locked: the read alone must be bounded too.
+    let mut locker = crm.begin().await.unwrap();
+    sqlx::query("LOCK TABLE crm_analytics.event_outbox IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *locker)
+        .await
+        .unwrap();
+    let mut child = Command::new(common::binary())
+        .arg("status")
+        .env("DATABASE_URL", &db.url)
+        .env("ANALYTICS_DATABASE_URL", &silent_url)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let finished = loop {
+        if child.try_wait().unwrap().is_some() {
+            break true;
+        }
+        if started.elapsed() > std::time::Duration::from_secs(40) {
+            let _ = child.kill();
+            break false;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(finished, "`status` still waited after 40 s: {stderr}");
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("analytics database (ANALYTICS_DATABASE_URL) is unreachable")
+            && stderr.contains("no answer within"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("crm database"), "{stderr}");
+    locker.rollback().await.unwrap();
+    drop(silent);
+    db.finish(crm).await;
+}

@@ -11,8 +11,19 @@ use std::time::{Duration, Instant};
 /// Runs `crm-analytics worker` with `env`; returns its exit status and stderr, or None if
 /// it was still running after `patience` (then it is killed).
 fn worker_with(db: &TestDb, env: &[(&str, &str)], patience: Duration) -> Option<(bool, String)> {
+    command_with("worker", db, env, patience)
+}
+
+/// Runs `crm-analytics <command>` with `env`, like [`worker_with`].
+fn command_with(
+    command: &str,
+    db: &TestDb,
+    env: &[(&str, &str)],
+    patience: Duration,
+) -> Option<(bool, String)> {
     let mut child = Command::new(common::binary())
-        .arg("worker")
+        .arg(command)
+        .env("CRM_ANALYTICS_LISTEN", "127.0.0.1:0")
         .env("DATABASE_URL", &db.url)
         .env_remove("ANALYTICS_DATABASE_URL")
         .env("CRM_ANALYTICS_ARCHIVE", "none")
@@ -88,5 +99,82 @@ async fn pools_larger_than_the_server_allows_fail_at_start() {
     }])
     .await
     .expect("four connections fit");
+    db.finish(pool).await;
+}
+
+#[tokio::test]
+async fn pool_minimums_follow_what_the_process_runs() {
+    let (db, pool) = TestDb::migrated().await;
+    let patience = Duration::from_secs(5);
+    let too_small = |outcome: &Option<(bool, String)>| {
+        outcome
+            .as_ref()
+            .is_some_and(|(ok, stderr)| !ok && stderr.contains("too small"))
+    };
+
+    // The default pool passes its own check although the cap of 40 is below the minimum.
+    let outcome = worker_with(&db, &[("CRM_ANALYTICS_WORKERS", "20")], patience);
+    assert!(!too_small(&outcome), "{outcome:?}");
+
+    // A relay-only process needs no connections for workers it does not run.
+    let outcome = command_with(
+        "relay",
+        &db,
+        &[
+            ("CRM_ANALYTICS_WORKERS", "40"),
+            ("CRM_ANALYTICS_ANALYTICS_POOL_SIZE", "10"),
+        ],
+        patience,
+    );
+    assert!(!too_small(&outcome), "{outcome:?}");
+
+    // `run` counts its relays' publishes and the API's connections too: 2 x 4 + 2 + 2 + 2.
+    let (ok, stderr) = command_with(
+        "run",
+        &db,
+        &[
+            ("CRM_ANALYTICS_WORKERS", "4"),
+            ("CRM_ANALYTICS_RELAYS", "2"),
+            ("CRM_ANALYTICS_ANALYTICS_POOL_SIZE", "10"),
+        ],
+        Duration::from_secs(20),
+    )
+    .expect("`run` started with an analytics pool that leaves the API nothing");
+    assert!(!ok, "{stderr}");
+    assert!(
+        stderr.contains("at least 14") && stderr.contains("CRM_ANALYTICS_RELAYS"),
+        "{stderr}"
+    );
+    db.finish(pool).await;
+}
+
+#[tokio::test]
+async fn localhost_and_127_0_0_1_are_one_server() {
+    let (db, pool) = TestDb::migrated().await;
+    let (max, in_use): (i32, i64) = sqlx::query_as(
+        "SELECT current_setting('max_connections')::int4,
+                (SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend')",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    // Each pool alone fits; both together do not.
+    let each = u32::try_from((i64::from(max) - in_use) * 2 / 3).unwrap();
+    let by_name = db.url.replacen("127.0.0.1", "localhost", 1);
+    assert_ne!(by_name, db.url, "the test server is expected at 127.0.0.1");
+    let request = |url| crm_analytics::db::PoolRequest {
+        url,
+        url_setting: "DATABASE_URL",
+        size: each,
+        size_setting: "CRM_ANALYTICS_CRM_POOL_SIZE",
+    };
+    crm_analytics::db::check_room(&[request(&db.url)])
+        .await
+        .expect("one pool fits");
+    let error = crm_analytics::db::check_room(&[request(&db.url), request(&by_name)])
+        .await
+        .expect_err("two pools to one server, named two ways, were not added up")
+        .to_string();
+    assert!(error.contains("max_connections"), "{error}");
     db.finish(pool).await;
 }

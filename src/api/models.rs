@@ -94,7 +94,8 @@ pub struct Health {
     pub failed_events: Option<u64>,
     /// Commit-to-applied latency over the last five minutes; null without events.
     pub latency_ms: LatencyMs,
-    /// Whether each database answered: "up" or "unreachable".
+    /// Whether each database answered: "up", "busy" (every connection of the process's pool
+    /// was in use, its numbers are null; not an outage, no 503) or "unreachable".
     pub databases: DatabaseStates,
     /// Which databases are unreachable (the response is then a 503); null when none.
     pub detail: Option<String>,

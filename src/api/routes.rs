@@ -463,7 +463,10 @@ pub async fn event_counts(
     security(("bearer" = [])))]
 pub async fn health(State(state): State<AppState>) -> (StatusCode, Json<Health>) {
     let report = crate::status::Report::read(&state.crm, &state.analytics, &*state.queue).await;
-    let state_of = |up: bool| if up { "up" } else { "unreachable" };
+    let state_of = |read: Result<(), &crate::status::Unread>| match read {
+        Ok(()) => "up",
+        Err(unread) => unread.state(),
+    };
     let unreachable = report.unreachable();
     let analytics = report.analytics.as_ref().ok();
     let latency = analytics.and_then(|a| a.latency_ms.as_ref());
@@ -476,17 +479,17 @@ pub async fn health(State(state): State<AppState>) -> (StatusCode, Json<Health>)
             p99: latency.map(|l| l.p99),
         },
         databases: DatabaseStates {
-            crm: state_of(report.crm.is_ok()),
-            analytics: state_of(report.analytics.is_ok()),
+            crm: state_of(report.crm.as_ref().map(|_| ())),
+            analytics: state_of(report.analytics.as_ref().map(|_| ())),
         },
         detail: (!unreachable.is_empty())
             .then(|| format!("unreachable database: {}", unreachable.join(", "))),
     };
     if let Err(error) = &report.crm {
-        tracing::debug!(%error, "health: the CRM database is unreachable");
+        tracing::debug!(%error, state = error.state(), "health: the CRM side was not read");
     }
     if let Err(error) = &report.analytics {
-        tracing::debug!(%error, "health: the analytics database is unreachable");
+        tracing::debug!(%error, state = error.state(), "health: the analytics side was not read");
     }
     let status = if unreachable.is_empty() {
         StatusCode::OK

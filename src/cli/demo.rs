@@ -65,7 +65,9 @@ pub async fn run(db: &DatabaseArgs, args: DemoArgs) -> anyhow::Result<()> {
     let crm_url = db.crm_url()?.to_string();
     println!("crm-analytics demo on {}", crate::db::redact(&crm_url));
 
-    let pipeline = Pipeline::connect(&db, &args.pipeline).await?;
+    // The demo serves the dashboard too: its pools count the API's connections.
+    let pipeline =
+        Pipeline::connect_for(&db, &args.pipeline, crate::pipeline::Roles::ALL, true).await?;
     super::migrate_all(&pipeline.crm, &pipeline.analytics, &db.crm_schema, true).await?;
     let report =
         crate::backfill::run(&pipeline.crm, &pipeline.analytics, &db.crm_schema, false).await?;

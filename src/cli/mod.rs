@@ -240,12 +240,25 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             crate::api::serve(server.listen, state, options, shutdown).await?
         }
         Command::Status { json } => {
-            // Each database on its own: one being down must not hide the other's numbers.
-            let crm = crate::db::connect(db.crm_url()?, db.crm_setting(), 2).await;
-            let analytics =
-                crate::db::connect(db.analytics_url()?, db.analytics_setting(), 4).await;
+            // Each database on its own and at once: one being down must not hide (or
+            // delay) the other's numbers. Connecting is bounded by db::CONNECT_TIMEOUT.
+            let (crm, analytics) = tokio::join!(
+                crate::db::connect(db.crm_url()?, db.crm_setting(), 2),
+                crate::db::connect(db.analytics_url()?, db.analytics_setting(), 4)
+            );
             // Reachable but not migrated: one sentence saying so, not two half-reports.
-            require_installed(db, crm.as_ref().ok(), analytics.as_ref().ok()).await?;
+            tokio::time::timeout(
+                crate::db::CONNECT_TIMEOUT,
+                require_installed(db, crm.as_ref().ok(), analytics.as_ref().ok()),
+            )
+            .await
+            .map_err(|_| {
+                anyhow::anyhow!(
+                    "the databases did not answer within {:?} when asked for their schema \
+                     versions",
+                    crate::db::CONNECT_TIMEOUT
+                )
+            })??;
             let analytics = match analytics {
                 Ok(pool) => PostgresQueue::connect(pool.clone(), u64::MAX)
                     .await
@@ -253,22 +266,28 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                     .map_err(anyhow::Error::from),
                 Err(error) => Err(error),
             };
-            let report = match (&crm, &analytics) {
-                (Ok(crm), Ok((pool, queue))) => crate::status::Report::read(crm, pool, queue).await,
-                (crm, analytics) => crate::status::Report {
-                    crm: match crm {
-                        Ok(pool) => crate::status::read_crm(pool)
-                            .await
-                            .map_err(|e| format!("{e:#}")),
-                        Err(error) => Err(format!("{error:#}")),
-                    },
-                    analytics: match analytics {
-                        Ok((pool, queue)) => crate::status::read_analytics(pool, queue)
-                            .await
-                            .map_err(|e| format!("{e:#}")),
-                        Err(error) => Err(format!("{error:#}")),
-                    },
+            let unreachable =
+                |error: &anyhow::Error| crate::status::Unread::Unreachable(format!("{error:#}"));
+            // A side read alone (the other failed to connect) is bounded like both together.
+            let (crm_read, analytics_read) = tokio::join!(
+                async {
+                    match &crm {
+                        Ok(pool) => crate::status::read_crm_bounded(pool).await,
+                        Err(error) => Err(unreachable(error)),
+                    }
                 },
+                async {
+                    match &analytics {
+                        Ok((pool, queue)) => {
+                            crate::status::read_analytics_bounded(pool, queue).await
+                        }
+                        Err(error) => Err(unreachable(error)),
+                    }
+                }
+            );
+            let report = crate::status::Report {
+                crm: crm_read,
+                analytics: analytics_read,
             };
             let settings = [
                 ("crm", db.crm_setting(), report.crm.as_ref().err()),
@@ -289,7 +308,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 for (name, _, error) in &settings {
                     value["databases"][name] = serde_json::json!(match error {
                         None => "up",
-                        Some(_) => "unreachable",
+                        Some(unread) => unread.state(),
                     });
                 }
                 println!("{}", serde_json::to_string_pretty(&value)?);
@@ -321,7 +340,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             let mut down = false;
             for (name, setting, error) in settings {
                 if let Some(error) = error {
-                    eprintln!("error: the {name} database ({setting}) is unreachable: {error}");
+                    let state = error.state();
+                    eprintln!("error: the {name} database ({setting}) is {state}: {error}");
                     down = true;
                 }
             }
@@ -471,7 +491,7 @@ async fn run_pipeline(
 ) -> anyhow::Result<()> {
     // Signals first: a SIGTERM during start-up must stop the process gracefully too.
     let shutdown = shutdown_on_signals();
-    let pipeline = Pipeline::connect(db, args).await?;
+    let pipeline = Pipeline::connect_for(db, args, roles, server.is_some()).await?;
     require_installed(db, Some(&pipeline.crm), Some(&pipeline.analytics)).await?;
     tracing::info!(
         workers = pipeline.worker.workers,

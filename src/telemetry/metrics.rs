@@ -82,20 +82,28 @@ pub fn events_relayed(n: usize) {
 
 /// The databases' monitoring points as last read: a gauge per database says whether it
 /// answered (1) or not (0); the gauges of a database that did not answer keep their value.
+/// A pool whose connections were all in use says nothing about the database: its `up`
+/// gauge keeps its value and `crm_analytics_pool_busy` says so instead.
 pub fn status_read(report: &crate::status::Report) {
-    match &report.crm {
-        Ok(lag) => {
-            gauge!("crm_analytics_database_up", "database" => "crm").set(1.0);
-            gauge!("crm_analytics_outbox_lag").set(lag.events as f64);
+    use crate::status::Unread;
+    let side = |database: &'static str, read: Result<(), &Unread>| {
+        let busy = matches!(read, Err(Unread::Busy(_)));
+        gauge!("crm_analytics_pool_busy", "database" => database).set(f64::from(u8::from(busy)));
+        match read {
+            Ok(()) => gauge!("crm_analytics_database_up", "database" => database).set(1.0),
+            Err(Unread::Unreachable(_)) => {
+                gauge!("crm_analytics_database_up", "database" => database).set(0.0)
+            }
+            Err(Unread::Busy(_)) => {}
         }
-        Err(_) => gauge!("crm_analytics_database_up", "database" => "crm").set(0.0),
+    };
+    side("crm", report.crm.as_ref().map(|_| ()));
+    side("analytics", report.analytics.as_ref().map(|_| ()));
+    if let Ok(lag) = &report.crm {
+        gauge!("crm_analytics_outbox_lag").set(lag.events as f64);
     }
-    match &report.analytics {
-        Ok(status) => {
-            gauge!("crm_analytics_database_up", "database" => "analytics").set(1.0);
-            gauge!("crm_analytics_queue_depth").set(status.queue_depth as f64);
-            gauge!("crm_analytics_failed_events").set(status.failed_events as f64);
-        }
-        Err(_) => gauge!("crm_analytics_database_up", "database" => "analytics").set(0.0),
+    if let Ok(status) = &report.analytics {
+        gauge!("crm_analytics_queue_depth").set(status.queue_depth as f64);
+        gauge!("crm_analytics_failed_events").set(status.failed_events as f64);
     }
 }
