@@ -97,7 +97,8 @@ pub struct ServerArgs {
         long,
         env = "CRM_ANALYTICS_API_TOKENS",
         hide_env_values = true,
-        default_value = ""
+        default_value = "",
+        hide_default_value = true
     )]
     pub api_tokens: String,
 
@@ -230,7 +231,7 @@ pub fn parse_listen(text: &str) -> Result<std::net::SocketAddr, String> {
         return Ok(addr);
     }
     let Some((host, port)) = text.rsplit_once(':') else {
-        return Err(format!("{text:?} has no port; {example}"));
+        return Err(format!("{text:?} is not host:port; {example}"));
     };
     if host.is_empty() || port.parse::<u16>().is_err() {
         return Err(format!("{text:?} is not host:port; {example}"));
@@ -246,7 +247,9 @@ pub fn parse_listen(text: &str) -> Result<std::net::SocketAddr, String> {
 /// An http(s) URL without query, fragment or credentials, normalized without a trailing
 /// slash, so that "{url}/api/..." is a well-formed link.
 pub fn parse_public_url(text: &str) -> Result<String, String> {
-    let url = url::Url::parse(text).map_err(|e| format!("{text:?} is not a URL: {e}"))?;
+    let url = url::Url::parse(text).map_err(|e| {
+        format!("{text:?} is not a URL ({e}); write scheme, host and an optional path, e.g. https://analytics.example.com")
+    })?;
     let plain = matches!(url.scheme(), "http" | "https")
         && url.host().is_some()
         && url.query().is_none()

@@ -240,6 +240,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             crate::api::serve(server.listen, state, options, shutdown).await?
         }
         Command::Status { json } => {
+            // A malformed URL is a mistake in the command, not a database that is down.
+            crate::db::parse_url(db.crm_url()?, db.crm_setting())?;
+            crate::db::parse_url(db.analytics_url()?, db.analytics_setting())?;
             // Each database on its own and at once: one being down must not hide (or
             // delay) the other's numbers. Connecting is bounded by db::CONNECT_TIMEOUT.
             let (crm, analytics) = tokio::join!(
