@@ -58,7 +58,8 @@ async fn poison_events_are_parked_then_replayed_once_fixed() {
     sqlx::query(
         "INSERT INTO crm_analytics.event_outbox (event_type, aggregate_id, payload)
          VALUES ('leads.insert', $1, jsonb_build_object('new', jsonb_build_object(
-             'id', $1, 'account_id', null, 'source', 'web', 'status', 'new', 'created_at', 'not a date')))",
+             'id', $1, 'account_id', null, 'source', 'web', 'status', 'new',
+             'converted_at', null, 'created_at', 'not a date')))",
     )
     .bind(lead)
     .execute(&pool)
