@@ -3,6 +3,8 @@
 
 mod common;
 
+use crm_analytics::aggregates::recompute::{DailyRow, FunnelRow};
+
 use chrono::NaiveDate;
 use common::{Server, TestDb};
 use crm_analytics::aggregates::delta::{DailyDelta, Deltas, FunnelDelta, RevenueDelta};
@@ -15,7 +17,6 @@ use uuid::Uuid;
 /// The aggregate tables as they stand, read directly.
 async fn aggregate_tables(pool: &sqlx::PgPool) -> Deltas {
     let mut tables = Deltas::default();
-    type DailyRow = (Option<Uuid>, Option<NaiveDate>, i64, i64, i64, i64, Decimal);
     let daily: Vec<DailyRow> = sqlx::query_as(
         "SELECT account_id, date, leads_created, leads_converted, activities, deals_won,
                     revenue_won FROM analytics.daily_account_metrics",
@@ -33,16 +34,6 @@ async fn aggregate_tables(pool: &sqlx::PgPool) -> Deltas {
         };
         tables.daily.insert((a, d), value);
     }
-    type FunnelRow = (
-        Option<NaiveDate>,
-        Option<String>,
-        i64,
-        i64,
-        i64,
-        i64,
-        i64,
-        i64,
-    );
     let funnel: Vec<FunnelRow> = sqlx::query_as(
         "SELECT cohort_date, source, new, contacted, qualified, converted, lost, total
          FROM analytics.lead_funnel_metrics",

@@ -7,7 +7,6 @@ mod common;
 use common::{Server, TestDb};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Arc;
 
 fn chromium() -> Option<PathBuf> {
     ["chromium", "chromium-browser", "google-chrome"]
@@ -109,32 +108,12 @@ async fn server_with_crm_down(db: &TestDb) -> Server {
         .acquire_timeout(std::time::Duration::from_secs(2))
         .connect_lazy(&format!("postgres://postgres@127.0.0.1:{port}/crm"))
         .expect("lazy pool");
-    let analytics = db.pool(8).await;
-    let queue = crm_analytics::queue::postgres::PostgresQueue::connect(analytics.clone(), u64::MAX)
-        .await
-        .expect("queue");
-    let state = crm_analytics::api::AppState {
-        crm,
-        analytics,
-        queue: Arc::new(queue),
-    };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let base = format!("http://{}", listener.local_addr().expect("addr"));
-    let stop = tokio_util::sync::CancellationToken::new();
     let options = crm_analytics::api::ServeOptions {
         tokens: crm_analytics::api::auth::Tokens::parse(common::TOKEN),
         cache_ttl: std::time::Duration::from_secs(3600),
         public_url: None,
     };
-    let task = tokio::spawn(crm_analytics::api::serve_on(
-        listener,
-        state,
-        options,
-        stop.clone(),
-    ));
-    Server { base, stop, task }
+    Server::serve(crm, db.pool(8).await, options).await
 }
 
 fn browser_or_skip() -> Option<PathBuf> {

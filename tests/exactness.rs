@@ -3,6 +3,8 @@
 
 mod common;
 
+use crm_analytics::aggregates::recompute::{DailyRow, FunnelRow};
+
 use async_trait::async_trait;
 use chrono::NaiveDate;
 use common::TestDb;
@@ -15,18 +17,6 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 use uuid::Uuid;
-
-type DailyRow = (Option<Uuid>, Option<NaiveDate>, i64, i64, i64, i64, Decimal);
-type FunnelRow = (
-    Option<NaiveDate>,
-    Option<String>,
-    i64,
-    i64,
-    i64,
-    i64,
-    i64,
-    i64,
-);
 
 #[tokio::test]
 async fn a_known_history_gives_known_numbers() {

@@ -3,11 +3,9 @@
 
 mod common;
 
-use common::{TestDb, TOKEN};
+use common::{Server, TestDb, TOKEN};
 use crm_analytics::queue::postgres::PostgresQueue;
 use std::process::Command;
-use std::sync::Arc;
-use tokio_util::sync::CancellationToken;
 
 fn gauge(text: &str, line_start: &str) -> f64 {
     text.lines()
@@ -30,28 +28,13 @@ async fn the_outbox_lag_stays_visible_while_analytics_is_down() {
     crm_analytics::cli::migrate_all(&crm, &analytics, "public", true)
         .await
         .unwrap();
-    let queue = PostgresQueue::connect(analytics.clone(), u64::MAX)
-        .await
-        .unwrap();
-    let state = crm_analytics::api::AppState {
-        crm: crm.clone(),
-        analytics: analytics.clone(),
-        queue: Arc::new(queue),
-    };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let stop = CancellationToken::new();
     let options = crm_analytics::api::ServeOptions {
         tokens: crm_analytics::api::auth::Tokens::parse(TOKEN),
         cache_ttl: std::time::Duration::from_secs(1),
         public_url: None,
     };
-    let server = tokio::spawn(crm_analytics::api::serve_on(
-        listener,
-        state,
-        options,
-        stop.clone(),
-    ));
+    let server = Server::serve(crm.clone(), analytics.clone(), options).await;
+    let base = server.base.clone();
     let scrape = || async {
         common::client()
             .get(format!("{base}/metrics"))
@@ -111,8 +94,7 @@ async fn the_outbox_lag_stays_visible_while_analytics_is_down() {
         health["detail"].as_str().unwrap().contains("analytics"),
         "{health}"
     );
-    stop.cancel();
-    let _ = server.await;
+    server.stop().await;
 
     // `status` says the same, and fails.
     let output = Command::new(common::binary())
@@ -185,25 +167,20 @@ async fn a_pool_with_every_connection_in_use_is_busy_not_unreachable() {
     assert!(report.unreachable().is_empty(), "{report:?}");
 
     // Health says "busy" without a 503, and /metrics keeps database_up at 1.
-    let state = crm_analytics::api::AppState {
-        crm: crm.clone(),
-        analytics: analytics.clone(),
-        queue: Arc::new(queue),
-    };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let stop = CancellationToken::new();
     let options = crm_analytics::api::ServeOptions {
         tokens: crm_analytics::api::auth::Tokens::parse(TOKEN),
         cache_ttl: std::time::Duration::from_secs(0),
         public_url: None,
     };
-    let server = tokio::spawn(crm_analytics::api::serve_on(
-        listener,
-        state,
-        options,
-        stop.clone(),
-    ));
+    // The queue was opened before the pool filled up: opening it now would wait for a
+    // connection like everything else.
+    let state = crm_analytics::api::AppState {
+        crm: crm.clone(),
+        analytics: analytics.clone(),
+        queue: std::sync::Arc::new(queue),
+    };
+    let server = Server::serve_state(state, options).await;
+    let base = server.base.clone();
     let (status, health) = common::get_json(&base, "/api/health/").await;
     assert_eq!(status, 200, "{health}");
     assert_eq!(health["databases"]["analytics"], "busy", "{health}");
@@ -228,8 +205,7 @@ async fn a_pool_with_every_connection_in_use_is_busy_not_unreachable() {
         "{text}"
     );
     drop(held);
-    stop.cancel();
-    let _ = server.await;
+    server.stop().await;
     analytics.close().await;
     db.finish(crm).await;
 }

@@ -64,8 +64,9 @@ pub(crate) fn revenue_sql(crm: &str) -> String {
     )
 }
 
-type DailyRow = (Option<Uuid>, Option<NaiveDate>, i64, i64, i64, i64, Decimal);
-type FunnelRow = (
+/// A row of each aggregate table as SQL returns it, keys first (NULL keys are `None`).
+pub type DailyRow = (Option<Uuid>, Option<NaiveDate>, i64, i64, i64, i64, Decimal);
+pub type FunnelRow = (
     Option<NaiveDate>,
     Option<String>,
     i64,
@@ -75,7 +76,7 @@ type FunnelRow = (
     i64,
     i64,
 );
-type RevenueRow = (Option<Uuid>, Option<NaiveDate>, i64, Decimal);
+pub type RevenueRow = (Option<Uuid>, Option<NaiveDate>, i64, Decimal);
 
 fn add_daily(deltas: &mut Deltas, (account, day, lc, lv, a, dw, rw): DailyRow) {
     deltas.daily.insert(

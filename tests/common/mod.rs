@@ -291,6 +291,38 @@ impl Server {
     pub async fn start_with(db: &TestDb, public_url: bool) -> Self {
         let crm = db.pool(4).await;
         let analytics = db.pool(8).await;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let base = format!("http://{}", listener.local_addr().expect("addr"));
+        // A long time-to-live: any answer staler than the aggregates shows up in the tests.
+        let options = crm_analytics::api::ServeOptions {
+            tokens: crm_analytics::api::auth::Tokens::parse(&format!("other-token,{TOKEN}")),
+            cache_ttl: std::time::Duration::from_secs(3600),
+            public_url: public_url.then(|| base.clone()),
+        };
+        Self::serve_on(listener, crm, analytics, options).await
+    }
+
+    /// The API over given pools (say, one of them pointing at a database that is down) on a
+    /// free port of its own.
+    pub async fn serve(
+        crm: PgPool,
+        analytics: PgPool,
+        options: crm_analytics::api::ServeOptions,
+    ) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        Self::serve_on(listener, crm, analytics, options).await
+    }
+
+    async fn serve_on(
+        listener: tokio::net::TcpListener,
+        crm: PgPool,
+        analytics: PgPool,
+        options: crm_analytics::api::ServeOptions,
+    ) -> Self {
         let queue = PostgresQueue::connect(analytics.clone(), u64::MAX)
             .await
             .expect("queue");
@@ -299,17 +331,27 @@ impl Server {
             analytics,
             queue: Arc::new(queue),
         };
+        Self::serve_state_on(listener, state, options)
+    }
+
+    /// The API over a state built by the caller (a queue opened before its pool filled up).
+    pub async fn serve_state(
+        state: crm_analytics::api::AppState,
+        options: crm_analytics::api::ServeOptions,
+    ) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
+        Self::serve_state_on(listener, state, options)
+    }
+
+    fn serve_state_on(
+        listener: tokio::net::TcpListener,
+        state: crm_analytics::api::AppState,
+        options: crm_analytics::api::ServeOptions,
+    ) -> Self {
         let base = format!("http://{}", listener.local_addr().expect("addr"));
         let stop = CancellationToken::new();
-        // A long time-to-live: any answer staler than the aggregates shows up in the tests.
-        let options = crm_analytics::api::ServeOptions {
-            tokens: crm_analytics::api::auth::Tokens::parse(&format!("other-token,{TOKEN}")),
-            cache_ttl: std::time::Duration::from_secs(3600),
-            public_url: public_url.then(|| base.clone()),
-        };
         let task = tokio::spawn(crm_analytics::api::serve_on(
             listener,
             state,
