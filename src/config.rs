@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use crate::archive::Layout;
 
-/// Where the databases are.
+/// Where the databases and the queue are.
 #[derive(Debug, Clone, Args)]
 pub struct DatabaseArgs {
     /// The CRM's PostgreSQL database (where the outbox and triggers live).
@@ -29,6 +29,10 @@ pub struct DatabaseArgs {
     #[arg(long, env = "CRM_ANALYTICS_CRM_SCHEMA", default_value = "public", global = true,
           value_parser = parse_identifier)]
     pub crm_schema: String,
+
+    /// The queue between relay and workers.
+    #[command(flatten)]
+    pub queue: crate::queue::QueueArgs,
 
     /// The URLs came from --database-url / --analytics-database-url rather than the
     /// environment: error messages name the setting the user actually wrote.

@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 use crate::archive::Archive;
 use crate::config::{DatabaseArgs, PipelineArgs};
 use crate::maintenance::{self, MaintenanceConfig};
-use crate::queue::{postgres::PostgresQueue, Queue};
+use crate::queue::Queue;
 use crate::relay::{self, RelayConfig};
 use crate::worker::{self, apply::Applier, WorkerConfig};
 
@@ -231,8 +231,12 @@ impl Pipeline {
         let crm = crate::db::connect(db.crm_url()?, db.crm_setting(), crm_size).await?;
         let analytics =
             crate::db::connect(db.analytics_url()?, db.analytics_setting(), analytics_size).await?;
-        let queue: Arc<dyn Queue> =
-            Arc::new(PostgresQueue::connect(analytics.clone(), args.queue_capacity).await?);
+        let queue = crate::queue::open(
+            &db.queue.spec,
+            &analytics,
+            &db.queue.options(args.queue_capacity),
+        )
+        .await?;
         Self::assemble(crm, analytics, queue, args)
     }
 

@@ -23,6 +23,8 @@ pub struct Status {
     pub outbox_lag_estimated: bool,
     /// Events in the queue, waiting or being applied.
     pub queue_depth: u64,
+    /// Whether queue_depth is the broker's estimate rather than a count.
+    pub queue_depth_approximate: bool,
     /// Events parked in failed_events.
     pub failed_events: u64,
     /// Commit-to-applied latency over the last five minutes; None without events.
@@ -71,6 +73,7 @@ pub async fn read_crm(crm: &PgPool) -> anyhow::Result<OutboxLag> {
 #[derive(Debug, Clone, Serialize)]
 pub struct AnalyticsStatus {
     pub queue_depth: u64,
+    pub queue_depth_approximate: bool,
     pub failed_events: u64,
     pub latency_ms: Option<Latency>,
 }
@@ -89,8 +92,10 @@ pub async fn read_analytics(
     )
     .fetch_all(analytics)
     .await?;
+    let depth = queue.depth().await?;
     Ok(AnalyticsStatus {
-        queue_depth: queue.depth().await?,
+        queue_depth: depth.events,
+        queue_depth_approximate: depth.approximate,
         failed_events: failed as u64,
         latency_ms: percentiles(&histogram),
     })
@@ -163,6 +168,7 @@ impl Report {
                 outbox_lag: lag.events,
                 outbox_lag_estimated: lag.estimated,
                 queue_depth: analytics.queue_depth,
+                queue_depth_approximate: analytics.queue_depth_approximate,
                 failed_events: analytics.failed_events,
                 latency_ms: analytics.latency_ms,
             }),

@@ -9,10 +9,8 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use common::TestDb;
 use crm_analytics::api::{auth::Tokens, cache::ResponseCache, query::Links, router, AppState};
-use crm_analytics::queue::postgres::PostgresQueue;
 use http_body_util::BodyExt;
 use proptest::prelude::*;
-use std::sync::Arc;
 use std::time::Duration;
 use tower::ServiceExt;
 
@@ -129,8 +127,8 @@ fn app() -> (tokio::runtime::Runtime, TestDb, axum::Router) {
         .execute(&pool)
         .await
         .unwrap();
-        let queue = PostgresQueue::connect(pool.clone(), u64::MAX).await.unwrap();
-        let state = AppState { crm: pool.clone(), analytics: pool.clone(), queue: Arc::new(queue) };
+        let queue = common::open_queue(&pool, u64::MAX).await;
+        let state = AppState { crm: pool.clone(), analytics: pool.clone(), queue };
         let cache = ResponseCache::start(&pool, Duration::from_secs(3600)).await;
         assert!(cache.is_some(), "the response cache listens for changes");
         (db, router(state, Tokens::parse(common::TOKEN), cache, Links::default()))

@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use chrono::NaiveDate;
 use common::TestDb;
 use crm_analytics::event::Envelope;
-use crm_analytics::queue::{postgres::PostgresQueue, Queue, QueueError, ReceivedBatch};
+use crm_analytics::queue::{Depth, Message, Queue, QueueError, ReceivedBatch};
 use rust_decimal::Decimal;
 use std::collections::HashSet;
 use std::io::Read;
@@ -178,24 +178,25 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
 }
 
 /// A real PostgreSQL queue that publishes every batch twice: each event is delivered twice.
-struct Twice(PostgresQueue);
+struct Twice(Arc<dyn Queue>);
 
 #[async_trait]
 impl Queue for Twice {
-    async fn publish(&self, events: &[Envelope]) -> Result<(), QueueError> {
-        self.0.publish(events).await?;
-        self.0.publish(events).await
+    async fn publish_messages(&self, messages: &[Message]) -> Result<(), QueueError> {
+        self.0.publish_messages(messages).await?;
+        self.0.publish_messages(messages).await
     }
-    async fn receive(&self, max: usize) -> Result<Box<dyn ReceivedBatch>, QueueError> {
-        self.0.receive(max).await
+    fn backend(&self) -> &'static str {
+        self.0.backend()
     }
-    fn epoch(&self) -> u64 {
-        self.0.epoch()
+    async fn receive(
+        &self,
+        max: usize,
+        wait: Duration,
+    ) -> Result<Box<dyn ReceivedBatch>, QueueError> {
+        self.0.receive(max, wait).await
     }
-    async fn wait_for_messages(&self, seen: u64, timeout: Duration) {
-        self.0.wait_for_messages(seen, timeout).await
-    }
-    async fn depth(&self) -> Result<u64, QueueError> {
+    async fn depth(&self) -> Result<Depth, QueueError> {
         self.0.depth().await
     }
     async fn is_full(&self) -> Result<bool, QueueError> {
@@ -208,9 +209,7 @@ async fn every_event_delivered_twice_counts_once() {
     let (db, pool) = TestDb::migrated().await;
     let mut args = db.args();
     args.outbox_retention = Duration::from_secs(3600);
-    let inner = PostgresQueue::connect(db.pool(12).await, 1_000_000)
-        .await
-        .unwrap();
+    let inner = common::open_queue(&db.pool(12).await, 1_000_000).await;
     let running = common::start_with(&db, &args, move |_| {
         Arc::new(Twice(inner)) as Arc<dyn Queue>
     })

@@ -4,7 +4,6 @@
 mod common;
 
 use common::{Server, TestDb, TOKEN};
-use crm_analytics::queue::postgres::PostgresQueue;
 use std::process::Command;
 
 fn gauge(text: &str, line_start: &str) -> f64 {
@@ -151,11 +150,9 @@ async fn a_pool_with_every_connection_in_use_is_busy_not_unreachable() {
     let (db, crm) = TestDb::migrated().await;
     // A small analytics pool: the queue's listener holds one, a stage holds the rest.
     let analytics = db.pool(2).await;
-    let queue = PostgresQueue::connect(analytics.clone(), u64::MAX)
-        .await
-        .unwrap();
+    let queue = common::open_queue(&analytics, u64::MAX).await;
     let held = analytics.acquire().await.unwrap();
-    let report = crm_analytics::status::Report::read(&crm, &analytics, &queue).await;
+    let report = crm_analytics::status::Report::read(&crm, &analytics, &*queue).await;
     assert!(report.crm.is_ok(), "{report:?}");
     assert!(
         matches!(
@@ -177,7 +174,7 @@ async fn a_pool_with_every_connection_in_use_is_busy_not_unreachable() {
     let state = crm_analytics::api::AppState {
         crm: crm.clone(),
         analytics: analytics.clone(),
-        queue: std::sync::Arc::new(queue),
+        queue,
     };
     let server = Server::serve_state(state, options).await;
     let base = server.base.clone();

@@ -6,8 +6,7 @@ mod common;
 
 use async_trait::async_trait;
 use common::TestDb;
-use crm_analytics::event::Envelope;
-use crm_analytics::queue::{postgres::PostgresQueue, Queue, QueueError, ReceivedBatch};
+use crm_analytics::queue::{Depth, Message, Queue, QueueError, ReceivedBatch};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,30 +14,31 @@ use std::time::{Duration, Instant};
 /// The real PostgreSQL queue, except that while `hang` is set a publish never returns
 /// (a broker or analytics database that stopped answering).
 struct Hanging {
-    inner: PostgresQueue,
+    inner: Arc<dyn Queue>,
     hang: Arc<AtomicBool>,
     hung: Arc<AtomicUsize>,
 }
 
 #[async_trait]
 impl Queue for Hanging {
-    async fn publish(&self, events: &[Envelope]) -> Result<(), QueueError> {
+    async fn publish_messages(&self, messages: &[Message]) -> Result<(), QueueError> {
         if self.hang.load(Ordering::SeqCst) {
             self.hung.fetch_add(1, Ordering::SeqCst);
             std::future::pending::<()>().await;
         }
-        self.inner.publish(events).await
+        self.inner.publish_messages(messages).await
     }
-    async fn receive(&self, max: usize) -> Result<Box<dyn ReceivedBatch>, QueueError> {
-        self.inner.receive(max).await
+    fn backend(&self) -> &'static str {
+        self.inner.backend()
     }
-    fn epoch(&self) -> u64 {
-        self.inner.epoch()
+    async fn receive(
+        &self,
+        max: usize,
+        wait: Duration,
+    ) -> Result<Box<dyn ReceivedBatch>, QueueError> {
+        self.inner.receive(max, wait).await
     }
-    async fn wait_for_messages(&self, seen: u64, timeout: Duration) {
-        self.inner.wait_for_messages(seen, timeout).await
-    }
-    async fn depth(&self) -> Result<u64, QueueError> {
+    async fn depth(&self) -> Result<Depth, QueueError> {
         self.inner.depth().await
     }
     async fn is_full(&self) -> Result<bool, QueueError> {
@@ -55,9 +55,7 @@ async fn a_hanging_publish_ends_the_crm_transaction_within_the_bound() {
     args.outbox_retention = Duration::from_secs(3600); // to count relayed events
     let hang = Arc::new(AtomicBool::new(true));
     let hung = Arc::new(AtomicUsize::new(0));
-    let inner = PostgresQueue::connect(db.pool(12).await, 1_000_000)
-        .await
-        .unwrap();
+    let inner = common::open_queue(&db.pool(12).await, 1_000_000).await;
     let queue = Hanging {
         inner,
         hang: hang.clone(),

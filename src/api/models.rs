@@ -90,6 +90,8 @@ pub struct Health {
     pub outbox_lag: Option<u64>,
     /// Events in the queue, waiting or being applied (null: analytics unreachable).
     pub queue_depth: Option<u64>,
+    /// Whether queue_depth is the broker's estimate (SQS) rather than a count.
+    pub queue_depth_approximate: Option<bool>,
     /// Events parked in failed_events (null: analytics unreachable).
     pub failed_events: Option<u64>,
     /// Commit-to-applied latency over the last five minutes; null without events.

@@ -473,6 +473,7 @@ pub async fn health(State(state): State<AppState>) -> (StatusCode, Json<Health>)
     let health = Health {
         outbox_lag: report.crm.as_ref().ok().map(|lag| lag.events),
         queue_depth: analytics.map(|a| a.queue_depth),
+        queue_depth_approximate: analytics.map(|a| a.queue_depth_approximate),
         failed_events: analytics.map(|a| a.failed_events),
         latency_ms: LatencyMs {
             p50: latency.map(|l| l.p50),

@@ -3,13 +3,11 @@
 //! The load comes from wrk in a process of its own where it is installed (Debian package
 //! `wrk`), else from a client in this process (which then shares its cores with the server).
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 use super::{percentile, BenchDb, Report, Scale};
 use crate::api::{auth::Tokens, AppState, ServeOptions};
-use crate::queue::postgres::PostgresQueue;
 
 const SECTION: &str = "5. API under load (64 connections)";
 const CONNECTIONS: usize = 64;
@@ -120,11 +118,16 @@ pub async fn run(server: &str, scale: Scale, report: &mut Report) -> anyhow::Res
     )
     .execute(&pool)
     .await?;
-    let queue = PostgresQueue::connect(pool.clone(), u64::MAX).await?;
+    let queue = crate::queue::open(
+        &crate::queue::QueueSpec::Postgres,
+        &pool,
+        &crate::queue::QueueOptions::default(),
+    )
+    .await?;
     let state = AppState {
         crm: pool.clone(),
         analytics: pool.clone(),
-        queue: Arc::new(queue),
+        queue,
     };
     let to = chrono::Utc::now().date_naive();
     let from = to - chrono::Duration::days(89);

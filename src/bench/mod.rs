@@ -142,6 +142,7 @@ impl InProcess {
             analytics_database_url: None,
             urls_from_flags: Default::default(),
             crm_schema: "public".into(),
+            queue: Default::default(),
         };
         let mut args = crate::config::PipelineArgs::from_env();
         let archive = std::env::temp_dir().join(&db.name);

@@ -13,9 +13,7 @@ use uuid::Uuid;
 use crate::api::AppState;
 use crate::config::{DatabaseArgs, PipelineArgs, ServerArgs};
 use crate::pipeline::{shutdown_on_signals, Pipeline, Roles};
-use crate::queue::{postgres::PostgresQueue, Queue};
 use crate::worker::failed;
-use std::sync::Arc;
 
 /// Live, exact sales analytics from a PostgreSQL CRM.
 ///
@@ -263,7 +261,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 )
             })??;
             let analytics = match analytics {
-                Ok(pool) => PostgresQueue::connect(pool.clone(), u64::MAX)
+                Ok(pool) => db
+                    .queue
+                    .open_unbounded(&pool)
                     .await
                     .map(|queue| (pool, queue))
                     .map_err(anyhow::Error::from),
@@ -282,7 +282,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 async {
                     match &analytics {
                         Ok((pool, queue)) => {
-                            crate::status::read_analytics_bounded(pool, queue).await
+                            crate::status::read_analytics_bounded(pool, &**queue).await
                         }
                         Err(error) => Err(unreachable(error)),
                     }
@@ -305,6 +305,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                     "outbox_lag": report.crm.as_ref().ok().map(|l| l.events),
                     "outbox_lag_estimated": report.crm.as_ref().ok().map(|l| l.estimated),
                     "queue_depth": report.analytics.as_ref().ok().map(|a| a.queue_depth),
+                    "queue_depth_approximate": report.analytics.as_ref().ok().map(|a| a.queue_depth_approximate),
                     "failed_events": report.analytics.as_ref().ok().map(|a| a.failed_events),
                     "latency_ms": report.analytics.as_ref().ok().and_then(|a| a.latency_ms.clone()),
                 });
@@ -325,7 +326,12 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
                 match &report.analytics {
                     Ok(a) => {
-                        println!("queue depth    {} events", a.queue_depth);
+                        let about = if a.queue_depth_approximate {
+                            "about "
+                        } else {
+                            ""
+                        };
+                        println!("queue depth    {about}{} events", a.queue_depth);
                         println!("failed events  {}", a.failed_events);
                         match &a.latency_ms {
                             Some(l) => println!(
@@ -377,13 +383,13 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                     }
                 }
                 FailedAction::Retry { ids, all } => {
-                    let queue = PostgresQueue::connect(analytics.clone(), u64::MAX).await?;
+                    let queue = db.queue.open_unbounded(&analytics).await?;
                     let selection = if all {
                         failed::Selection::All
                     } else {
                         failed::Selection::Ids(ids)
                     };
-                    let report = failed::retry(&analytics, &queue as &dyn Queue, selection).await?;
+                    let report = failed::retry(&analytics, &*queue, selection).await?;
                     println!("{} events put back on the queue", report.requeued);
                     for id in report.not_events {
                         println!("{id}: not an event (see raw_message); fix or delete it by hand");
@@ -478,11 +484,11 @@ async fn api_state(db: &DatabaseArgs) -> anyhow::Result<AppState> {
     let crm = crate::db::connect(db.crm_url()?, db.crm_setting(), 4).await?;
     let analytics = crate::db::connect(db.analytics_url()?, db.analytics_setting(), 8).await?;
     require_installed(db, Some(&crm), Some(&analytics)).await?;
-    let queue = PostgresQueue::connect(analytics.clone(), u64::MAX).await?;
+    let queue = db.queue.open_unbounded(&analytics).await?;
     Ok(AppState {
         crm,
         analytics,
-        queue: Arc::new(queue),
+        queue,
     })
 }
 

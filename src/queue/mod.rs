@@ -1,22 +1,72 @@
 //! Queue: carries events from the relay to the workers, at least once.
 //!
-//! Owns the [`Queue`] trait every backend implements and the backends themselves (one
-//! folder or file each). Delivery is at least once and may duplicate; the workers make
-//! the effect exactly once. Every backend is bounded, so a slow consumer slows the relay
-//! down instead of filling memory.
+//! Owns the [`Queue`] trait every backend implements, the setting that picks one
+//! ([`QueueSpec`], `CRM_ANALYTICS_QUEUE`), the [`open`] factory, and the backends themselves
+//! (one file each). Delivery is at least once and may duplicate; the workers make the
+//! effect exactly once. Every backend is bounded, so a slow consumer slows the relay down
+//! instead of filling memory.
 
 pub mod postgres;
+mod spec;
 
 use async_trait::async_trait;
+use sqlx::PgPool;
+use std::sync::Arc;
 use std::time::Duration;
 use uuid::Uuid;
 
 use crate::event::Envelope;
+pub use spec::{QueueArgs, QueueSpec};
 
+/// What went wrong talking to a queue: which backend and operation, and whether trying
+/// again later may succeed (a broker that is down) or not (a queue that does not exist).
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
-    #[error("queue database error: {0}")]
-    Database(#[from] sqlx::Error),
+    #[error("the PostgreSQL queue: {0}")]
+    Postgres(#[from] sqlx::Error),
+    #[error("{backend} {operation} failed: {message}")]
+    Broker {
+        backend: &'static str,
+        operation: &'static str,
+        message: String,
+        retryable: bool,
+    },
+    #[error("{0}")]
+    Setting(String),
+}
+
+impl QueueError {
+    /// Whether the same call may succeed later without anyone changing anything.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            QueueError::Postgres(error) => !matches!(
+                error,
+                sqlx::Error::Configuration(_) | sqlx::Error::ColumnDecode { .. }
+            ),
+            QueueError::Broker { retryable, .. } => *retryable,
+            QueueError::Setting(_) => false,
+        }
+    }
+}
+
+/// One message as published: the event id (brokers de-duplicate and trace by it), the
+/// event type (`<table>.<operation>`, a message attribute where the broker has them) and
+/// the body, normally an [`Envelope`] as JSON.
+#[derive(Debug, Clone)]
+pub struct Message {
+    pub event_id: Uuid,
+    pub event_type: String,
+    pub body: String,
+}
+
+impl From<&Envelope> for Message {
+    fn from(envelope: &Envelope) -> Self {
+        Message {
+            event_id: envelope.event_id,
+            event_type: envelope.event_type.clone(),
+            body: envelope.to_json(),
+        }
+    }
 }
 
 /// One message as received: the raw body (decoded by the worker, so that a malformed
@@ -26,7 +76,8 @@ pub struct Delivery {
     /// The event id as the transport knows it, when it does.
     pub event_id: Option<Uuid>,
     pub body: String,
-    /// 1 on the first delivery; failed attempts so far plus one.
+    /// 1 on the first delivery. The PostgreSQL queue counts failed attempts (a batch
+    /// released after a transient failure does not count); brokers count deliveries.
     pub attempt: u32,
 }
 
@@ -40,25 +91,77 @@ pub struct Settlement {
 }
 
 /// A batch of deliveries leased to one worker until it is settled. Dropping it unsettled
-/// gives the deliveries back to the queue (after the backend's lease runs out).
+/// gives the deliveries back to the queue (at once or when the backend's lease runs out).
 #[async_trait]
 pub trait ReceivedBatch: Send {
     fn deliveries(&self) -> &[Delivery];
+    /// Settles every delivery by index; a delivery left out goes back as if dropped.
     async fn settle(self: Box<Self>, settlement: Settlement) -> Result<(), QueueError>;
+}
+
+/// Events waiting or in flight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Depth {
+    pub events: u64,
+    /// The broker only estimates it (SQS's approximate counts).
+    pub approximate: bool,
 }
 
 #[async_trait]
 pub trait Queue: Send + Sync {
-    /// Appends events; on error none or some may have been published (at least once).
-    async fn publish(&self, events: &[Envelope]) -> Result<(), QueueError>;
-    /// Leases up to `max` deliveries; an empty batch means nothing is ready.
-    async fn receive(&self, max: usize) -> Result<Box<dyn ReceivedBatch>, QueueError>;
-    /// A counter of wake-ups: read it before `receive`, pass it to `wait_for_messages`.
-    fn epoch(&self) -> u64;
-    /// Waits until something may have arrived since `seen`, or `timeout` passes.
-    async fn wait_for_messages(&self, seen: u64, timeout: Duration);
-    /// Events waiting or in flight (exact; for status and health).
-    async fn depth(&self) -> Result<u64, QueueError>;
-    /// Whether the queue is at capacity and publishers should hold back.
+    /// The backend's name for logs, status and metrics: postgres, sqs or nats.
+    fn backend(&self) -> &'static str;
+    /// Appends messages; returns once the queue acknowledged all of them. On error none
+    /// or some may have been published (at least once).
+    async fn publish_messages(&self, messages: &[Message]) -> Result<(), QueueError>;
+    /// Appends events (see [`Queue::publish_messages`]).
+    async fn publish(&self, events: &[Envelope]) -> Result<(), QueueError> {
+        let messages: Vec<Message> = events.iter().map(Message::from).collect();
+        self.publish_messages(&messages).await
+    }
+    /// Leases up to `max` deliveries, waiting up to `wait` for the first to arrive (long
+    /// poll); an empty batch means nothing arrived in time.
+    async fn receive(
+        &self,
+        max: usize,
+        wait: Duration,
+    ) -> Result<Box<dyn ReceivedBatch>, QueueError>;
+    /// Events waiting or in flight, exact or estimated (see [`Depth::approximate`]).
+    async fn depth(&self) -> Result<Depth, QueueError>;
+    /// Whether the queue is at capacity and publishers should hold back. Called before
+    /// every relay batch: a backend whose depth costs a paid call answers from a recent
+    /// reading.
     async fn is_full(&self) -> Result<bool, QueueError>;
+}
+
+/// Settings every backend reads when it opens.
+#[derive(Debug, Clone)]
+pub struct QueueOptions {
+    /// Events waiting before publishers hold back (u64::MAX: never).
+    pub capacity: u64,
+    /// How long a received batch stays leased before it is delivered again, unless the
+    /// worker keeps it alive (brokers extend it while a batch is being applied).
+    pub lease: Duration,
+}
+
+impl Default for QueueOptions {
+    fn default() -> Self {
+        Self {
+            capacity: u64::MAX,
+            lease: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Opens the queue `spec` names. The PostgreSQL queue lives in the analytics database.
+pub async fn open(
+    spec: &QueueSpec,
+    analytics: &PgPool,
+    options: &QueueOptions,
+) -> Result<Arc<dyn Queue>, QueueError> {
+    match spec {
+        QueueSpec::Postgres => Ok(Arc::new(
+            postgres::PostgresQueue::connect(analytics.clone(), options.capacity).await?,
+        )),
+    }
 }

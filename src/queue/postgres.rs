@@ -9,8 +9,7 @@ use sqlx::{PgPool, Postgres, Transaction};
 use std::time::Duration;
 use uuid::Uuid;
 
-use super::{Delivery, Queue, QueueError, ReceivedBatch, Settlement};
-use crate::event::Envelope;
+use super::{Delivery, Depth, Message, Queue, QueueError, ReceivedBatch, Settlement};
 use crate::listen::ChannelWatcher;
 
 pub const QUEUE_CHANNEL: &str = "crm_analytics_queue";
@@ -31,34 +30,9 @@ impl PostgresQueue {
             watcher,
         })
     }
-}
 
-#[async_trait]
-impl Queue for PostgresQueue {
-    async fn publish(&self, events: &[Envelope]) -> Result<(), QueueError> {
-        if events.is_empty() {
-            return Ok(());
-        }
-        let ids: Vec<Uuid> = events.iter().map(|e| e.event_id).collect();
-        let bodies: Vec<String> = events.iter().map(Envelope::to_json).collect();
-        // One statement: insert the batch and wake the workers when it commits.
-        sqlx::query(
-            "WITH inserted AS (
-                INSERT INTO crm_analytics.queue (event_id, body)
-                SELECT * FROM unnest($1::uuid[], $2::text[])
-                RETURNING 1
-             )
-             SELECT pg_notify($3, '') FROM (SELECT count(*) FROM inserted) n",
-        )
-        .bind(&ids)
-        .bind(&bodies)
-        .bind(QUEUE_CHANNEL)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
-    }
-
-    async fn receive(&self, max: usize) -> Result<Box<dyn ReceivedBatch>, QueueError> {
+    /// Locks up to `max` ready rows in a transaction the batch holds until it is settled.
+    async fn claim(&self, max: usize) -> Result<PostgresBatch, QueueError> {
         let mut tx = self.pool.begin().await?;
         let rows: Vec<(i64, Uuid, String, i32)> = sqlx::query_as(
             "SELECT id, event_id, body, attempts FROM crm_analytics.queue
@@ -80,26 +54,68 @@ impl Queue for PostgresQueue {
                 attempt: attempts.max(0) as u32 + 1,
             });
         }
-        Ok(Box::new(PostgresBatch {
+        Ok(PostgresBatch {
             tx,
             ids,
             deliveries,
-        }))
+        })
+    }
+}
+
+#[async_trait]
+impl Queue for PostgresQueue {
+    async fn publish_messages(&self, messages: &[Message]) -> Result<(), QueueError> {
+        if messages.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<Uuid> = messages.iter().map(|m| m.event_id).collect();
+        let bodies: Vec<&str> = messages.iter().map(|m| m.body.as_str()).collect();
+        // One statement: insert the batch and wake the workers when it commits.
+        sqlx::query(
+            "WITH inserted AS (
+                INSERT INTO crm_analytics.queue (event_id, body)
+                SELECT * FROM unnest($1::uuid[], $2::text[])
+                RETURNING 1
+             )
+             SELECT pg_notify($3, '') FROM (SELECT count(*) FROM inserted) n",
+        )
+        .bind(&ids)
+        .bind(&bodies)
+        .bind(QUEUE_CHANNEL)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
     }
 
-    fn epoch(&self) -> u64 {
-        self.watcher.epoch()
+    fn backend(&self) -> &'static str {
+        "postgres"
     }
 
-    async fn wait_for_messages(&self, seen: u64, timeout: Duration) {
-        self.watcher.wait(seen, timeout).await
+    async fn receive(
+        &self,
+        max: usize,
+        wait: Duration,
+    ) -> Result<Box<dyn ReceivedBatch>, QueueError> {
+        // Look, and if nothing is there wait for a notification (or the timeout) and look
+        // once more: the epoch is read first, so a publish in between is not missed.
+        let epoch = self.watcher.epoch();
+        let batch = self.claim(max).await?;
+        if !batch.deliveries.is_empty() || wait.is_zero() {
+            return Ok(Box::new(batch));
+        }
+        drop(batch);
+        self.watcher.wait(epoch, wait).await;
+        Ok(Box::new(self.claim(max).await?))
     }
 
-    async fn depth(&self) -> Result<u64, QueueError> {
+    async fn depth(&self) -> Result<Depth, QueueError> {
         let n: i64 = sqlx::query_scalar("SELECT count(*) FROM crm_analytics.queue")
             .fetch_one(&self.pool)
             .await?;
-        Ok(n as u64)
+        Ok(Depth {
+            events: n as u64,
+            approximate: false,
+        })
     }
 
     async fn is_full(&self) -> Result<bool, QueueError> {

@@ -71,16 +71,14 @@ async fn work(
 ) {
     let mut failures = 0u32;
     while !shutdown.is_cancelled() {
-        let epoch = queue.epoch();
-        let outcome = match queue.receive(config.batch_size).await {
-            Ok(batch) if batch.deliveries().is_empty() => {
-                drop(batch);
-                tokio::select! {
-                    _ = shutdown.cancelled() => {}
-                    _ = queue.wait_for_messages(epoch, config.poll_interval) => {}
-                }
-                continue;
-            }
+        // Long poll: returns at once when events are ready, else when one arrives or the
+        // poll interval passes. Dropping it on shutdown releases whatever it leased.
+        let received = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            received = queue.receive(config.batch_size, config.poll_interval) => received,
+        };
+        let outcome = match received {
+            Ok(batch) if batch.deliveries().is_empty() => continue,
             Ok(batch) => {
                 let started = std::time::Instant::now();
                 let outcome = handle(batch, applier, config).await;

@@ -4,7 +4,7 @@
 
 use crm_analytics::config::PipelineArgs;
 use crm_analytics::pipeline::Pipeline;
-use crm_analytics::queue::{postgres::PostgresQueue, Queue};
+use crm_analytics::queue::{Queue, QueueOptions, QueueSpec};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{Connection, PgConnection, PgPool};
 use std::path::PathBuf;
@@ -140,23 +140,31 @@ pub async fn start(db: &TestDb, args: &PipelineArgs) -> Running {
     let analytics = db
         .pool(crm_analytics::pipeline::analytics_pool_size(args.workers()))
         .await;
-    let queue = PostgresQueue::connect(analytics, args.queue_capacity)
+    let queue = open_queue(&analytics, args.queue_capacity).await;
+    start_with(db, args, move |_| queue).await
+}
+
+/// The queue the tests run on, through the same factory as the binary.
+pub async fn open_queue(analytics: &PgPool, capacity: u64) -> Arc<dyn Queue> {
+    let options = QueueOptions {
+        capacity,
+        ..QueueOptions::default()
+    };
+    crm_analytics::queue::open(&QueueSpec::Postgres, analytics, &options)
         .await
-        .expect("queue");
-    start_with(db, args, move |_| Arc::new(queue) as Arc<dyn Queue>).await
+        .expect("open the queue")
 }
 
 /// Waits until the outbox and the queue are both empty.
 pub async fn drain(pool: &PgPool, timeout: Duration) {
     let deadline = Instant::now() + timeout;
+    let queue = open_queue(pool, u64::MAX).await;
     loop {
-        let (outbox, queue): (i64, i64) = sqlx::query_as(
-            "SELECT (SELECT count(*) FROM crm_analytics.event_outbox),
-                    (SELECT count(*) FROM crm_analytics.queue)",
-        )
-        .fetch_one(pool)
-        .await
-        .expect("count backlog");
+        let outbox: i64 = sqlx::query_scalar("SELECT count(*) FROM crm_analytics.event_outbox")
+            .fetch_one(pool)
+            .await
+            .expect("count the outbox");
+        let queue = queue.depth().await.expect("queue depth").events;
         if outbox == 0 && queue == 0 {
             return;
         }
@@ -323,13 +331,11 @@ impl Server {
         analytics: PgPool,
         options: crm_analytics::api::ServeOptions,
     ) -> Self {
-        let queue = PostgresQueue::connect(analytics.clone(), u64::MAX)
-            .await
-            .expect("queue");
+        let queue = open_queue(&analytics, u64::MAX).await;
         let state = crm_analytics::api::AppState {
             crm,
             analytics,
-            queue: Arc::new(queue),
+            queue,
         };
         Self::serve_state_on(listener, state, options)
     }
@@ -435,4 +441,50 @@ pub async fn raw_get_status(base: &str, target: &str) -> u16 {
     line.strip_prefix("HTTP/1.1 ")
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or_else(|| panic!("not an HTTP status line: {line:?}"))
+}
+
+/// A server a test needs besides PostgreSQL: its address from `variable`, else `default`.
+/// Outside CI a test whose server is not listening skips (None, with a message saying how
+/// to start it); in CI (`CI` set) it fails instead, so that nothing passes by not running.
+fn external_server(variable: &str, default: &str, what: &str) -> Option<String> {
+    let url = std::env::var(variable).unwrap_or_else(|_| default.to_string());
+    let parsed = url::Url::parse(&url).expect("a server URL");
+    let address = format!(
+        "{}:{}",
+        parsed.host_str().unwrap_or("127.0.0.1"),
+        parsed.port_or_known_default().unwrap_or(0)
+    );
+    let reachable = std::net::TcpStream::connect_timeout(
+        &address
+            .parse()
+            .unwrap_or_else(|_| ([127, 0, 0, 1], 0).into()),
+        Duration::from_secs(2),
+    )
+    .is_ok();
+    if reachable {
+        return Some(url);
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!("{what} is not listening at {url} ({variable}); .ci/services starts it");
+    }
+    eprintln!("skipped: {what} is not listening at {url}; run `eval \"$(.ci/services)\"` first");
+    None
+}
+
+/// The local SQS- and S3-compatible server (moto), or None to skip outside CI.
+pub fn aws_endpoint() -> Option<String> {
+    external_server(
+        "CRM_ANALYTICS_TEST_AWS_ENDPOINT",
+        "http://127.0.0.1:4566",
+        "the SQS/S3-compatible server",
+    )
+}
+
+/// The NATS server with JetStream, or None to skip outside CI.
+pub fn nats_url() -> Option<String> {
+    external_server(
+        "CRM_ANALYTICS_TEST_NATS",
+        "nats://127.0.0.1:4222",
+        "NATS with JetStream",
+    )
 }
