@@ -1,0 +1,404 @@
+//! One conformance suite that every queue backend passes, the embedded PostgreSQL queue
+//! included: what the relay and the workers rely on, tested against the real server of
+//! each backend. A new backend adds one line to `conformance!` and one arm to `open`.
+
+mod common;
+
+use crm_analytics::queue::{Message, Queue, QueueOptions, ReceivedBatch, Settlement};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use uuid::Uuid;
+
+/// The lease the suite opens queues with: short, so that "a consumer died" is quick.
+const LEASE: Duration = Duration::from_secs(2);
+
+#[derive(Debug, Clone, Copy)]
+enum Backend {
+    Postgres,
+}
+
+/// A fresh, empty queue of `backend` and what keeps it alive (its database), or None when
+/// the backend's server is not running outside CI.
+struct Harness {
+    queue: Arc<dyn Queue>,
+    /// A second handle on the same queue, as another process would open it.
+    other: Arc<dyn Queue>,
+    _db: Option<common::TestDb>,
+}
+
+async fn open(backend: Backend, capacity: u64) -> Option<Harness> {
+    let options = QueueOptions {
+        capacity,
+        lease: LEASE,
+    };
+    match backend {
+        Backend::Postgres => {
+            let (db, pool) = common::TestDb::migrated().await;
+            let spec = crm_analytics::queue::QueueSpec::Postgres;
+            let queue = crm_analytics::queue::open(&spec, &pool, &options)
+                .await
+                .expect("open");
+            let other = crm_analytics::queue::open(&spec, &db.pool(10).await, &options)
+                .await
+                .expect("open a second handle");
+            Some(Harness {
+                queue,
+                other,
+                _db: Some(db),
+            })
+        }
+    }
+}
+
+fn messages(n: usize) -> Vec<Message> {
+    (0..n)
+        .map(|i| Message {
+            event_id: Uuid::new_v4(),
+            event_type: "leads.insert".into(),
+            body: format!("{{\"n\":{i}}}"),
+        })
+        .collect()
+}
+
+/// Receives batches until `n` deliveries are held (unsettled) or `within` passes.
+async fn hold(queue: &dyn Queue, n: usize, within: Duration) -> Vec<Box<dyn ReceivedBatch>> {
+    let deadline = Instant::now() + within;
+    let mut held = Vec::new();
+    let mut count = 0;
+    while count < n && Instant::now() < deadline {
+        let batch = queue
+            .receive(n - count, Duration::from_millis(500))
+            .await
+            .expect("receive");
+        count += batch.deliveries().len();
+        if !batch.deliveries().is_empty() {
+            held.push(batch);
+        }
+    }
+    held
+}
+
+fn bodies(batches: &[Box<dyn ReceivedBatch>]) -> Vec<(Option<Uuid>, String, u32)> {
+    batches
+        .iter()
+        .flat_map(|b| b.deliveries().iter())
+        .map(|d| (d.event_id, d.body.clone(), d.attempt))
+        .collect()
+}
+
+async fn settle_all(batches: Vec<Box<dyn ReceivedBatch>>) {
+    for batch in batches {
+        let done = (0..batch.deliveries().len()).collect();
+        batch
+            .settle(Settlement {
+                done,
+                retry: Vec::new(),
+            })
+            .await
+            .expect("settle");
+    }
+}
+
+/// Nothing arrives within `wait` (one long poll).
+async fn assert_nothing(queue: &dyn Queue, wait: Duration, why: &str) {
+    let batch = queue.receive(10, wait).await.expect("receive");
+    let got: Vec<_> = batch.deliveries().iter().map(|d| d.body.clone()).collect();
+    assert!(got.is_empty(), "{why}: received {got:?}");
+}
+
+async fn eventually_depth(queue: &dyn Queue, expected: u64, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let depth = queue.depth().await.expect("depth");
+        if depth.events == expected {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "depth {depth:?}, expected {expected}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Everything published is received once with its id, body and a first attempt, and
+/// once settled it is gone.
+async fn publish_receive_settle(h: Harness) {
+    let sent = messages(25);
+    h.queue.publish_messages(&sent).await.expect("publish");
+    eventually_depth(&*h.queue, 25, Duration::from_secs(10)).await;
+    let held = hold(&*h.queue, 25, Duration::from_secs(20)).await;
+    let mut got = bodies(&held);
+    got.sort_by(|a, b| a.1.cmp(&b.1));
+    let mut want: Vec<_> = sent
+        .iter()
+        .map(|m| (Some(m.event_id), m.body.clone(), 1))
+        .collect();
+    want.sort_by(|a, b| a.1.cmp(&b.1));
+    assert_eq!(got, want);
+    settle_all(held).await;
+    eventually_depth(&*h.queue, 0, Duration::from_secs(10)).await;
+    assert_nothing(
+        &*h.queue,
+        Duration::from_secs(1),
+        "settled messages came back",
+    )
+    .await;
+}
+
+/// Concurrent consumers (two handles, several tasks) never hold the same message.
+async fn disjoint_leases(h: Harness) {
+    let sent = messages(200);
+    h.queue.publish_messages(&sent).await.expect("publish");
+    let mut tasks = tokio::task::JoinSet::new();
+    for consumer in 0..4 {
+        let queue = if consumer % 2 == 0 {
+            h.queue.clone()
+        } else {
+            h.other.clone()
+        };
+        tasks.spawn(async move {
+            // Hold everything received until the end, so that a double lease would show.
+            let mut held = Vec::new();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                let batch = queue
+                    .receive(50, Duration::from_millis(300))
+                    .await
+                    .expect("receive");
+                if batch.deliveries().is_empty() {
+                    if !held.is_empty() {
+                        break;
+                    }
+                    continue;
+                }
+                held.push(batch);
+            }
+            held
+        });
+    }
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    let mut all = Vec::new();
+    while let Some(held) = tasks.join_next().await {
+        let held = held.expect("consumer task");
+        for (_, body, _) in bodies(&held) {
+            *seen.entry(body).or_default() += 1;
+        }
+        all.extend(held);
+    }
+    let doubled: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(doubled.is_empty(), "leased twice: {doubled:?}");
+    assert_eq!(seen.len(), 200, "every message leased once");
+    settle_all(all).await;
+}
+
+/// A consumer that dies without settling (its batch dropped) loses nothing: the same
+/// messages come back within the lease.
+async fn redelivery_after_a_consumer_dies(h: Harness) {
+    let sent = messages(3);
+    h.queue.publish_messages(&sent).await.expect("publish");
+    let held = hold(&*h.queue, 3, Duration::from_secs(10)).await;
+    let first: BTreeSet<_> = bodies(&held).into_iter().map(|d| d.1).collect();
+    assert_eq!(first.len(), 3);
+    drop(held);
+    let again = hold(&*h.other, 3, LEASE + Duration::from_secs(8)).await;
+    let second: BTreeSet<_> = bodies(&again).into_iter().map(|d| d.1).collect();
+    assert_eq!(first, second, "the dropped batch came back whole");
+    settle_all(again).await;
+}
+
+/// A retry comes back after its delay, not before, with the attempt counted.
+async fn delayed_retry_counts_the_attempt(h: Harness) {
+    let sent = messages(1);
+    h.queue.publish_messages(&sent).await.expect("publish");
+    let held = hold(&*h.queue, 1, Duration::from_secs(10)).await;
+    assert_eq!(bodies(&held)[0].2, 1, "first delivery is attempt 1");
+    let delay = Duration::from_secs(3);
+    let retried_at = Instant::now();
+    for batch in held {
+        batch
+            .settle(Settlement {
+                done: Vec::new(),
+                retry: vec![(0, delay, "failed on purpose".into())],
+            })
+            .await
+            .expect("settle retry");
+    }
+    assert_nothing(
+        &*h.other,
+        Duration::from_millis(1500),
+        "a retry arrived before its delay",
+    )
+    .await;
+    let back = hold(&*h.other, 1, delay + Duration::from_secs(8)).await;
+    let got = bodies(&back);
+    assert_eq!(got.len(), 1, "the retried message came back");
+    assert!(
+        retried_at.elapsed() >= delay - Duration::from_millis(200),
+        "it came back after {:?}, before its delay of {delay:?}",
+        retried_at.elapsed()
+    );
+    assert_eq!(got[0].1, sent[0].body);
+    assert_eq!(got[0].2, 2, "the failed attempt is counted");
+    settle_all(back).await;
+}
+
+/// Settling part of a batch: the settled are gone, the rest come back.
+async fn partial_settlement(h: Harness) {
+    let sent = messages(4);
+    h.queue.publish_messages(&sent).await.expect("publish");
+    let held = hold(&*h.queue, 4, Duration::from_secs(10)).await;
+    let mut settled = BTreeSet::new();
+    let mut left = BTreeSet::new();
+    for batch in held {
+        let deliveries = batch.deliveries().to_vec();
+        let mut done = Vec::new();
+        for (i, d) in deliveries.iter().enumerate() {
+            if settled.len() < 2 {
+                settled.insert(d.body.clone());
+                done.push(i);
+            } else {
+                left.insert(d.body.clone());
+            }
+        }
+        batch
+            .settle(Settlement {
+                done,
+                retry: Vec::new(),
+            })
+            .await
+            .expect("settle part");
+    }
+    let back = hold(&*h.other, left.len(), LEASE + Duration::from_secs(8)).await;
+    let returned: BTreeSet<_> = bodies(&back).into_iter().map(|d| d.1).collect();
+    assert_eq!(returned, left, "exactly the unsettled deliveries came back");
+    settle_all(back).await;
+    assert_nothing(
+        &*h.queue,
+        Duration::from_secs(1),
+        "a settled message came back",
+    )
+    .await;
+}
+
+/// At capacity the queue says so (publishers hold back), and it clears once drained.
+async fn backpressure(h: Harness) {
+    assert!(
+        !h.queue.is_full().await.expect("is_full"),
+        "empty is not full"
+    );
+    h.queue
+        .publish_messages(&messages(10))
+        .await
+        .expect("publish");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !h.queue.is_full().await.expect("is_full") {
+        assert!(
+            Instant::now() < deadline,
+            "10 messages at capacity 10: full"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let held = hold(&*h.queue, 10, Duration::from_secs(10)).await;
+    settle_all(held).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while h.queue.is_full().await.expect("is_full") {
+        assert!(Instant::now() < deadline, "drained: no longer full");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A consumer waiting in a long poll wakes up promptly after a publish.
+async fn wake_up_after_a_publish(h: Harness) {
+    let waiting = {
+        let queue = h.other.clone();
+        tokio::spawn(async move {
+            let batch = queue
+                .receive(10, Duration::from_secs(20))
+                .await
+                .expect("receive");
+            (Instant::now(), batch)
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let published = Instant::now();
+    h.queue
+        .publish_messages(&messages(1))
+        .await
+        .expect("publish");
+    let (woke, batch) = waiting.await.expect("receiver");
+    let latency = woke.saturating_duration_since(published);
+    assert_eq!(batch.deliveries().len(), 1, "the waiting consumer got it");
+    eprintln!("wake-up latency {latency:?}");
+    assert!(
+        latency < Duration::from_millis(1000),
+        "woke {latency:?} after the publish"
+    );
+    settle_all(vec![batch]).await;
+}
+
+macro_rules! conformance {
+    ($($module:ident => $backend:expr),* $(,)?) => {$(
+        mod $module {
+            use super::*;
+
+            async fn harness(capacity: u64) -> Option<Harness> {
+                open($backend, capacity).await
+            }
+
+            #[tokio::test]
+            async fn publish_receive_settle() {
+                if let Some(h) = harness(u64::MAX).await {
+                    super::publish_receive_settle(h).await
+                }
+            }
+
+            #[tokio::test]
+            async fn disjoint_leases() {
+                if let Some(h) = harness(u64::MAX).await {
+                    super::disjoint_leases(h).await
+                }
+            }
+
+            #[tokio::test]
+            async fn redelivery_after_a_consumer_dies() {
+                if let Some(h) = harness(u64::MAX).await {
+                    super::redelivery_after_a_consumer_dies(h).await
+                }
+            }
+
+            #[tokio::test]
+            async fn delayed_retry_counts_the_attempt() {
+                if let Some(h) = harness(u64::MAX).await {
+                    super::delayed_retry_counts_the_attempt(h).await
+                }
+            }
+
+            #[tokio::test]
+            async fn partial_settlement() {
+                if let Some(h) = harness(u64::MAX).await {
+                    super::partial_settlement(h).await
+                }
+            }
+
+            #[tokio::test]
+            async fn backpressure() {
+                if let Some(h) = harness(10).await {
+                    super::backpressure(h).await
+                }
+            }
+
+            #[tokio::test]
+            async fn wake_up_after_a_publish() {
+                if let Some(h) = harness(u64::MAX).await {
+                    super::wake_up_after_a_publish(h).await
+                }
+            }
+        }
+    )*};
+}
+
+conformance! {
+    postgres => Backend::Postgres,
+}
