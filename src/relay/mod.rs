@@ -137,6 +137,9 @@ pub async fn relay_once(
 /// While events keep coming the relay stays awake and polls this often, so that writers
 /// need not notify it: a NOTIFY costs every CRM transaction more than this poll costs us.
 const AWAKE_POLL: Duration = Duration::from_millis(5);
+/// Longest pause between retries after failures: once the queue or the CRM is back, the
+/// backlog starts moving within this time.
+const PAUSE_CAP: Duration = Duration::from_secs(5);
 /// After this long without events the relay goes to sleep and lets writers wake it.
 const LINGER: Duration = Duration::from_secs(1);
 
@@ -265,6 +268,9 @@ async fn relay_loop(
         };
         match step.await {
             Ok(wait) => {
+                if failures > 0 {
+                    tracing::info!(failed_attempts = failures, "relaying again");
+                }
                 failures = 0;
                 if !wait.is_zero() {
                     tokio::select! {
@@ -275,8 +281,15 @@ async fn relay_loop(
             }
             Err(error) => {
                 failures = failures.saturating_add(1);
-                let wait = crate::worker::backoff(Duration::from_millis(200), failures);
-                tracing::warn!(%error, pause_ms = wait.as_millis() as u64, "relay failed; will retry");
+                crate::telemetry::metrics::relay_failed();
+                let wait =
+                    crate::worker::backoff(Duration::from_millis(200), failures).min(PAUSE_CAP);
+                // An outage logs its first failure and then every tenth, not one per retry.
+                if failures == 1 || failures % 10 == 0 {
+                    tracing::warn!(%error, failed_attempts = failures, pause_ms = wait.as_millis() as u64, "relay failed; events stay in the outbox, will retry");
+                } else {
+                    tracing::debug!(%error, failed_attempts = failures, pause_ms = wait.as_millis() as u64, "relay failed; will retry");
+                }
                 pause(&shutdown, wait).await;
             }
         }

@@ -80,6 +80,12 @@ pub fn events_relayed(n: usize) {
     counter!("crm_analytics_events_relayed_total").increment(n as u64);
 }
 
+/// A relay batch that failed (the CRM or the queue did not answer); its events stayed in
+/// the outbox. Rising while `events_relayed` stands still: the queue is down.
+pub fn relay_failed() {
+    counter!("crm_analytics_relay_failures_total").increment(1);
+}
+
 /// The databases' monitoring points as last read: a gauge per database says whether it
 /// answered (1) or not (0); the gauges of a database that did not answer keep their value.
 /// A pool whose connections were all in use says nothing about the database: its `up`

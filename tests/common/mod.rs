@@ -2,6 +2,8 @@
 //! reference CRM schema with capture attached, an in-process pipeline, and drain/verify.
 #![allow(dead_code)]
 
+pub mod outage;
+
 use crm_analytics::config::PipelineArgs;
 use crm_analytics::pipeline::Pipeline;
 use crm_analytics::queue::{Queue, QueueOptions, QueueSpec};
