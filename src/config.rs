@@ -119,6 +119,16 @@ pub struct ServerArgs {
     pub public_url: Option<String>,
 }
 
+/// The metrics listener of `relay` and `worker`, which run no API server. (`run` and `serve`
+/// serve /metrics with the API on CRM_ANALYTICS_LISTEN and do not take this setting.)
+#[derive(Debug, Clone, Args)]
+pub struct MetricsArgs {
+    /// Address to serve /metrics (Prometheus) and /healthz on, host:port (e.g.
+    /// 127.0.0.1:9100, 0.0.0.0:9100). Unset: no listener.
+    #[arg(long, env = "CRM_ANALYTICS_METRICS_LISTEN", value_parser = parse_listen)]
+    pub metrics_listen: Option<std::net::SocketAddr>,
+}
+
 /// How the pipeline runs.
 #[derive(Debug, Clone, Args)]
 pub struct PipelineArgs {
@@ -199,6 +209,13 @@ pub struct PipelineArgs {
         default_value = "./crm-analytics-archive"
     )]
     pub archive: String,
+
+    /// The S3-compatible server of an s3:// archive (MinIO, Ceph, R2, ...), e.g.
+    /// http://127.0.0.1:9000; http:// is allowed, requests are path-style. Unset: AWS S3, or
+    /// AWS_ENDPOINT_URL. Credentials and region come from AWS_ACCESS_KEY_ID,
+    /// AWS_SECRET_ACCESS_KEY and AWS_REGION.
+    #[arg(long, env = "CRM_ANALYTICS_S3_ENDPOINT", value_parser = crate::archive::parse_endpoint)]
+    pub s3_endpoint: Option<String>,
 
     /// Archive objects: one per batch, table and day (batch), or one per event (event).
     #[arg(long, env = "CRM_ANALYTICS_ARCHIVE_LAYOUT", value_enum, default_value_t = Layout::Batch)]

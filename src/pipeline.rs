@@ -6,7 +6,7 @@ use sqlx::PgPool;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
-use crate::archive::Archive;
+use crate::archive::{Archive, S3Options};
 use crate::config::{DatabaseArgs, PipelineArgs};
 use crate::maintenance::{self, MaintenanceConfig};
 use crate::queue::Queue;
@@ -52,12 +52,29 @@ impl PipelineArgs {
     }
 }
 
-/// Opens the archive named by the settings, or none when it is "none".
+/// Opens the archive named by the settings, or none when it is "none". No request is made
+/// yet: [`Archive::check`] (at start of a worker process) does that.
 pub fn open_archive(args: &PipelineArgs) -> anyhow::Result<Option<Archive>> {
+    let on_s3 = args.archive.starts_with("s3://");
+    if args.s3_endpoint.is_some() && !on_s3 {
+        tracing::warn!(
+            archive = %args.archive,
+            "CRM_ANALYTICS_S3_ENDPOINT is set but CRM_ANALYTICS_ARCHIVE is not an s3:// URL: \
+             the endpoint is not used"
+        );
+    }
     if args.archive.eq_ignore_ascii_case("none") {
         return Ok(None);
     }
-    Ok(Some(Archive::open(&args.archive, args.archive_layout)?))
+    let s3 = S3Options {
+        endpoint: args.s3_endpoint.clone(),
+        ..S3Options::default()
+    };
+    Ok(Some(Archive::open_with(
+        &args.archive,
+        args.archive_layout,
+        &s3,
+    )?))
 }
 
 /// Most connections a pool opens by default; larger pools are set explicitly
@@ -237,7 +254,15 @@ impl Pipeline {
             &db.queue.options(args.queue_capacity),
         )
         .await?;
-        Self::assemble(crm, analytics, queue, args)
+        let pipeline = Self::assemble(crm, analytics, queue, args)?;
+        // Workers write the archive: a wrong endpoint or a missing bucket stops the process
+        // now, not at the first batch (which would then retry forever).
+        if roles.workers {
+            if let Some(archive) = &pipeline.applier.archive {
+                archive.check().await?;
+            }
+        }
+        Ok(pipeline)
     }
 
     /// Builds a pipeline over given pools and queue (tests substitute their own queue).

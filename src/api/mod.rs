@@ -187,18 +187,9 @@ async fn readyz(State(state): State<AppState>) -> Result<Json<serde_json::Value>
     Ok(Json(serde_json::json!({ "status": "ready" })))
 }
 
-/// Prometheus text format; the backlog gauges are read from the databases at each scrape,
-/// each database on its own (the outbox lag keeps moving while analytics is down).
+/// Prometheus text format (see [`crate::telemetry::metrics::scrape`]).
 async fn prometheus(State(state): State<AppState>) -> Response {
-    let report = crate::status::Report::read(&state.crm, &state.analytics, &*state.queue).await;
-    crate::telemetry::metrics::status_read(&report);
-    let body = crate::telemetry::metrics::prometheus().render();
-    (
-        StatusCode::OK,
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        body,
-    )
-        .into_response()
+    crate::telemetry::metrics::scrape(&state.crm, &state.analytics, &*state.queue).await
 }
 
 /// Serves until `shutdown` is cancelled.

@@ -1,10 +1,15 @@
 //! Archive: every applied event's raw JSON, kept in an object store.
 //!
 //! Owns the archive location (a local folder by default, `s3://bucket/prefix` at scale,
-//! through the `object_store` crate) and its layout under `events/YYYY/MM/DD/<table>/`:
+//! through the `object_store` crate; see [`s3`] for S3 and S3-compatible servers), the
+//! check at start that it can be used, and its layout under `events/YYYY/MM/DD/<table>/`:
 //! by default one gzip-compressed JSON Lines object per batch, table and day; optionally one
 //! `<event_id>.json` object per event. A retried batch may archive an event twice; readers
 //! de-duplicate by event_id.
+
+mod s3;
+
+pub use s3::{parse_endpoint, S3Options};
 
 use chrono::NaiveDate;
 use flate2::{write::GzEncoder, Compression};
@@ -20,6 +25,23 @@ use crate::event::CrmTable;
 pub enum ArchiveError {
     #[error("CRM_ANALYTICS_ARCHIVE={location:?} cannot be used: {reason}. Give a folder path, a file:// URL or an s3://bucket/prefix URL")]
     Location { location: String, reason: String },
+    #[error("{setting} cannot be used: {reason}")]
+    Endpoint {
+        setting: &'static str,
+        reason: String,
+    },
+    #[error("the archive's bucket {bucket:?} (CRM_ANALYTICS_ARCHIVE={location}) does not exist on {server}: create it, or point CRM_ANALYTICS_ARCHIVE at an existing bucket (and CRM_ANALYTICS_S3_ENDPOINT at the server that holds it)")]
+    MissingBucket {
+        location: String,
+        bucket: String,
+        server: String,
+    },
+    #[error("the archive CRM_ANALYTICS_ARCHIVE={location} cannot be reached on {server}: {reason}. Check that the server is up and that CRM_ANALYTICS_S3_ENDPOINT names it (unset for AWS S3), and the credentials (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) and region (AWS_REGION)")]
+    Unavailable {
+        location: String,
+        server: String,
+        reason: String,
+    },
     #[error("writing {path} to the archive failed: {source}")]
     Write {
         path: String,
@@ -50,25 +72,35 @@ pub struct Archive {
     store: Arc<dyn ObjectStore>,
     prefix: Path,
     layout: Layout,
+    /// The bucket, when the archive is on S3 (for the check at start).
+    s3: Option<Arc<s3::S3Bucket>>,
 }
 
 impl Archive {
     /// Opens `location`: a plain folder path, `file:///abs/path`, or `s3://bucket/prefix`
     /// (credentials, region and endpoint from the usual AWS_* variables).
     pub fn open(location: &str, layout: Layout) -> Result<Self, ArchiveError> {
+        Self::open_with(location, layout, &S3Options::default())
+    }
+
+    /// [`Archive::open`] with S3 settings that override the AWS_* variables (the endpoint
+    /// from CRM_ANALYTICS_S3_ENDPOINT; credentials where the environment must not be used).
+    /// No request is made: [`Archive::check`] does that.
+    pub fn open_with(
+        location: &str,
+        layout: Layout,
+        options: &S3Options,
+    ) -> Result<Self, ArchiveError> {
         let fail = |reason: String| ArchiveError::Location {
             location: location.to_string(),
             reason,
         };
-        let (store, prefix): (Arc<dyn ObjectStore>, Path) =
+        let (store, prefix, bucket): (Arc<dyn ObjectStore>, Path, _) =
             if let Some(rest) = location.strip_prefix("s3://") {
-                let bucket = rest.split('/').next().unwrap_or_default();
-                let prefix = rest.strip_prefix(bucket).unwrap_or_default();
-                let store = object_store::aws::AmazonS3Builder::from_env()
-                    .with_bucket_name(bucket)
-                    .build()
-                    .map_err(|e| fail(e.to_string()))?;
-                (Arc::new(store), Path::from(prefix))
+                let bucket = s3::S3Bucket::open(location, rest, options)?;
+                let prefix = rest.split_once('/').map(|(_, p)| p).unwrap_or_default();
+                let store = Arc::new(bucket.store.clone());
+                (store, Path::from(prefix), Some(Arc::new(bucket)))
             } else {
                 let folder = match location.strip_prefix("file://") {
                     Some(path) => path,
@@ -80,13 +112,28 @@ impl Archive {
                 std::fs::create_dir_all(folder).map_err(|e| fail(e.to_string()))?;
                 let store =
                     LocalFileSystem::new_with_prefix(folder).map_err(|e| fail(e.to_string()))?;
-                (Arc::new(store), Path::default())
+                (Arc::new(store), Path::default(), None)
             };
         Ok(Self {
             store,
             prefix,
             layout,
+            s3: bucket,
         })
+    }
+
+    /// Checks at start that the archive can be used: on S3, that the endpoint answers, the
+    /// bucket exists and the credentials are accepted (a local folder was created by open).
+    pub async fn check(&self) -> Result<(), ArchiveError> {
+        match &self.s3 {
+            Some(bucket) => bucket.check(self.prefix.as_ref()).await,
+            None => Ok(()),
+        }
+    }
+
+    /// The store and prefix the archive writes under (readers and tests list it).
+    pub fn store(&self) -> (Arc<dyn ObjectStore>, Path) {
+        (self.store.clone(), self.prefix.clone())
     }
 
     fn folder(&self, date: NaiveDate, table: CrmTable) -> String {

@@ -11,7 +11,7 @@ use std::process::ExitCode;
 use uuid::Uuid;
 
 use crate::api::AppState;
-use crate::config::{DatabaseArgs, PipelineArgs, ServerArgs};
+use crate::config::{DatabaseArgs, MetricsArgs, PipelineArgs, ServerArgs};
 use crate::pipeline::{shutdown_on_signals, Pipeline, Roles};
 use crate::worker::failed;
 
@@ -65,11 +65,15 @@ pub enum Command {
     Relay {
         #[command(flatten)]
         pipeline: PipelineArgs,
+        #[command(flatten)]
+        metrics: MetricsArgs,
     },
     /// Run only workers (queue to aggregates).
     Worker {
         #[command(flatten)]
         pipeline: PipelineArgs,
+        #[command(flatten)]
+        metrics: MetricsArgs,
     },
     /// Show outbox lag, queue depth, failed events and latency.
     Status {
@@ -215,21 +219,21 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 relay: true,
                 workers: true,
             };
-            run_pipeline(db, &pipeline, roles, Some(&server)).await?
+            run_pipeline(db, &pipeline, roles, Serving::Api(&server)).await?
         }
-        Command::Relay { pipeline } => {
+        Command::Relay { pipeline, metrics } => {
             let roles = Roles {
                 relay: true,
                 workers: false,
             };
-            run_pipeline(db, &pipeline, roles, None).await?
+            run_pipeline(db, &pipeline, roles, Serving::Metrics(&metrics)).await?
         }
-        Command::Worker { pipeline } => {
+        Command::Worker { pipeline, metrics } => {
             let roles = Roles {
                 relay: false,
                 workers: true,
             };
-            run_pipeline(db, &pipeline, roles, None).await?
+            run_pipeline(db, &pipeline, roles, Serving::Metrics(&metrics)).await?
         }
         Command::Serve { server } => {
             let shutdown = shutdown_on_signals();
@@ -492,14 +496,34 @@ async fn api_state(db: &DatabaseArgs) -> anyhow::Result<AppState> {
     })
 }
 
+/// What a pipeline process serves besides its stages.
+enum Serving<'a> {
+    /// The API server (with /metrics), as `run` does.
+    Api(&'a ServerArgs),
+    /// Only /metrics and /healthz, when CRM_ANALYTICS_METRICS_LISTEN is set (`relay`, `worker`).
+    Metrics(&'a MetricsArgs),
+}
+
 async fn run_pipeline(
     db: &DatabaseArgs,
     args: &PipelineArgs,
     roles: Roles,
-    server: Option<&ServerArgs>,
+    serving: Serving<'_>,
 ) -> anyhow::Result<()> {
     // Signals first: a SIGTERM during start-up must stop the process gracefully too.
     let shutdown = shutdown_on_signals();
+    // Bound before anything connects: a taken address fails at once. The recorder is
+    // installed before any stage records, so /metrics counts from the first event.
+    let metrics_listener = match serving {
+        Serving::Metrics(MetricsArgs {
+            metrics_listen: Some(listen),
+        }) => Some(crate::telemetry::server::bind(*listen).await?),
+        _ => None,
+    };
+    let server = match serving {
+        Serving::Api(server) => Some(server),
+        Serving::Metrics(_) => None,
+    };
     let pipeline = Pipeline::connect_for(db, args, roles, server.is_some()).await?;
     require_installed(db, Some(&pipeline.crm), Some(&pipeline.analytics)).await?;
     tracing::info!(
@@ -508,18 +532,24 @@ async fn run_pipeline(
         ?roles,
         "pipeline running"
     );
-    let Some(server) = server else {
-        return pipeline.run(roles, shutdown).await;
-    };
-    let api = crate::api::serve(
-        server.listen,
-        pipeline.api_state(),
-        crate::api::ServeOptions::from_args(server),
-        shutdown.clone(),
-    );
+    let served: futures::future::BoxFuture<'_, anyhow::Result<()>> =
+        match (server, metrics_listener) {
+            (Some(server), _) => Box::pin(crate::api::serve(
+                server.listen,
+                pipeline.api_state(),
+                crate::api::ServeOptions::from_args(server),
+                shutdown.clone(),
+            )),
+            (None, Some(listener)) => Box::pin(crate::telemetry::server::serve_on(
+                listener,
+                pipeline.api_state(),
+                shutdown.clone(),
+            )),
+            (None, None) => return pipeline.run(roles, shutdown).await,
+        };
     let (ran, served) = tokio::join!(pipeline.run(roles, shutdown.clone()), async {
         // The server failing (say, its address is taken) stops the whole process.
-        let result = api.await;
+        let result = served.await;
         shutdown.cancel();
         result
     });

@@ -50,6 +50,26 @@ pub fn prometheus() -> &'static PrometheusHandle {
     })
 }
 
+/// A /metrics response: the backlog gauges read from the databases at each scrape (each
+/// database on its own: the outbox lag keeps moving while analytics is down), then
+/// everything in the Prometheus text format. The API and the metrics listener both serve it.
+pub async fn scrape(
+    crm: &sqlx::PgPool,
+    analytics: &sqlx::PgPool,
+    queue: &dyn crate::queue::Queue,
+) -> axum::response::Response {
+    use axum::http::{header, StatusCode};
+    use axum::response::IntoResponse;
+    let report = crate::status::Report::read(crm, analytics, queue).await;
+    status_read(&report);
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        prometheus().render(),
+    )
+        .into_response()
+}
+
 /// A batch was applied: its size, how long it took, and what it did.
 pub fn batch_applied(received: usize, duplicates: usize, took: Duration) {
     histogram!("crm_analytics_batch_size").record(received as f64);

@@ -1,8 +1,9 @@
 //! Telemetry: structured logs through `tracing` (human-readable, coloured only on a terminal, JSON with
 //! CRM_ANALYTICS_LOG_FORMAT=json; RUST_LOG filters, default info) and Prometheus metrics,
-//! kept apart from the pipeline's logic.
+//! kept apart from the pipeline's logic; the metrics listener of processes without the API.
 
 pub mod metrics;
+pub mod server;
 
 use std::io::IsTerminal;
 use tracing_subscriber::{fmt, EnvFilter};
