@@ -53,7 +53,10 @@ async fn migrate_is_idempotent_and_versioned() {
         ]
     );
     let applied = crm_analytics::queue::migrate(&pool).await.unwrap();
-    assert!(applied.is_empty(), "a second run applies no queue migration");
+    assert!(
+        applied.is_empty(),
+        "a second run applies no queue migration"
+    );
     db.finish(pool).await;
 }
 
@@ -116,7 +119,10 @@ async fn an_installation_whose_queue_came_with_analytics_upgrades_in_place() {
         String::from_utf8_lossy(&output.stderr)
     );
     let status: Value = serde_json::from_slice(&output.stdout).unwrap();
-    assert_eq!(status["queue_depth"], 1, "the waiting event is kept: {status}");
+    assert_eq!(
+        status["queue_depth"], 1,
+        "the waiting event is kept: {status}"
+    );
     let recorded: Vec<i32> = sqlx::query_scalar(
         "SELECT version FROM crm_analytics.schema_migrations WHERE component = 'postgres_queue'",
     )
