@@ -29,6 +29,16 @@ pub async fn connect(url: &str, setting: &str, max_connections: u32) -> anyhow::
         .map_err(failed)
 }
 
+/// A pool that connects only when first used: for a part that may never use it, such as a
+/// queue broker opened (it keeps nothing there) while the analytics database is down.
+pub fn connect_lazy(url: &str, setting: &str, max_connections: u32) -> anyhow::Result<PgPool> {
+    let options = plain_on_loopback(url, parse_url(url, setting)?);
+    Ok(PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(CONNECT_TIMEOUT)
+        .connect_lazy_with(options))
+}
+
 /// One connection, within CONNECT_TIMEOUT.
 async fn connect_once(
     url: &str,

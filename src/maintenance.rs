@@ -2,8 +2,9 @@
 //! rows kept for CRM_ANALYTICS_OUTBOX_RETENTION, the idempotency ledger past
 //! CRM_ANALYTICS_DEDUP_RETENTION and latency histograms older than a day, in slices so that
 //! no statement holds locks for long. Vacuuming reclaims the dead rows that every relayed
-//! or applied event leaves in the outbox and queue tables (they are queues: each row is
-//! inserted once and deleted once), so that claims never scan through them.
+//! or applied event leaves in queue-like tables (each row inserted once and deleted once),
+//! so that claims never scan through them: the relay runs [`vacuum_loop`] on the outbox,
+//! the embedded queue backend on its own table.
 
 use sqlx::PgPool;
 use std::time::Duration;

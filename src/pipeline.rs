@@ -1,5 +1,5 @@
-//! Pipeline: wires the stages together in one process (relay, workers, maintenance) from
-//! the settings, and stops them gracefully: a batch under way finishes or is released.
+//! Pipeline: wires the stages together in one process (relay, workers, maintenance and the
+//! queue backend's own upkeep) from the settings, and stops them gracefully: a batch under way finishes or is released.
 
 use clap::Parser;
 use sqlx::PgPool;
@@ -210,6 +210,42 @@ impl PipelineArgs {
     }
 }
 
+/// Connects the CRM and analytics pools sized for the stages a process runs (and the API
+/// when `serving`), after refusing sizes too small for them or too large for the servers.
+pub async fn connect_pools(
+    db: &DatabaseArgs,
+    args: &PipelineArgs,
+    roles: Roles,
+    serving: bool,
+) -> anyhow::Result<(PgPool, PgPool)> {
+    let needs = PoolNeeds::of(args, roles, serving);
+    args.check_pool_sizes(&needs)?;
+    let (crm_size, analytics_size) = (
+        args.crm_connections(&needs),
+        args.analytics_connections(&needs),
+    );
+    // Before any pool opens: a server that cannot fit them fails now, not under load.
+    crate::db::check_room(&[
+        crate::db::PoolRequest {
+            url: db.crm_url()?,
+            url_setting: db.crm_setting(),
+            size: crm_size,
+            size_setting: "CRM_ANALYTICS_CRM_POOL_SIZE",
+        },
+        crate::db::PoolRequest {
+            url: db.analytics_url()?,
+            url_setting: db.analytics_setting(),
+            size: analytics_size,
+            size_setting: "CRM_ANALYTICS_ANALYTICS_POOL_SIZE",
+        },
+    ])
+    .await?;
+    let crm = crate::db::connect(db.crm_url()?, db.crm_setting(), crm_size).await?;
+    let analytics =
+        crate::db::connect(db.analytics_url()?, db.analytics_setting(), analytics_size).await?;
+    Ok((crm, analytics))
+}
+
 impl Pipeline {
     /// Connects pools sized for every stage (relay and workers), without the API.
     pub async fn connect(db: &DatabaseArgs, args: &PipelineArgs) -> anyhow::Result<Self> {
@@ -223,31 +259,19 @@ impl Pipeline {
         roles: Roles,
         serving: bool,
     ) -> anyhow::Result<Self> {
-        let needs = PoolNeeds::of(args, roles, serving);
-        args.check_pool_sizes(&needs)?;
-        let (crm_size, analytics_size) = (
-            args.crm_connections(&needs),
-            args.analytics_connections(&needs),
-        );
-        // Before any pool opens: a server that cannot fit them fails now, not under load.
-        crate::db::check_room(&[
-            crate::db::PoolRequest {
-                url: db.crm_url()?,
-                url_setting: db.crm_setting(),
-                size: crm_size,
-                size_setting: "CRM_ANALYTICS_CRM_POOL_SIZE",
-            },
-            crate::db::PoolRequest {
-                url: db.analytics_url()?,
-                url_setting: db.analytics_setting(),
-                size: analytics_size,
-                size_setting: "CRM_ANALYTICS_ANALYTICS_POOL_SIZE",
-            },
-        ])
-        .await?;
-        let crm = crate::db::connect(db.crm_url()?, db.crm_setting(), crm_size).await?;
-        let analytics =
-            crate::db::connect(db.analytics_url()?, db.analytics_setting(), analytics_size).await?;
+        let (crm, analytics) = connect_pools(db, args, roles, serving).await?;
+        Self::open(crm, analytics, db, args, roles).await
+    }
+
+    /// Opens the queue the settings name over connected pools, and builds the pipeline for
+    /// the stages `roles` names (workers check the archive is reachable).
+    pub async fn open(
+        crm: PgPool,
+        analytics: PgPool,
+        db: &DatabaseArgs,
+        args: &PipelineArgs,
+        roles: Roles,
+    ) -> anyhow::Result<Self> {
         let queue = crate::queue::open(
             &db.queue.spec,
             &analytics,
@@ -365,12 +389,16 @@ impl Pipeline {
                 maintenance::run(crm, analytics, config, stop).await;
                 Ok(())
             });
-            let (analytics, stop) = (self.analytics.clone(), shutdown.clone());
-            let interval = self.vacuum_interval;
-            tasks.spawn(async move {
-                maintenance::vacuum_loop(analytics, &["crm_analytics.queue"], interval, stop).await;
-                Ok(())
-            });
+            // The queue's own upkeep (the embedded queue vacuums its table), where it has one.
+            if let Some(upkeep) = self
+                .queue
+                .maintenance(self.vacuum_interval, shutdown.clone())
+            {
+                tasks.spawn(async move {
+                    upkeep.await;
+                    Ok(())
+                });
+            }
         }
         let mut result = Ok(());
         while let Some(joined) = tasks.join_next().await {

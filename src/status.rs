@@ -1,12 +1,14 @@
-//! Status: the original design's monitoring points, read from the databases so that any
-//! process (the CLI, the API) can report them: outbox lag, queue depth, failed events and
-//! commit-to-applied latency. Each database is read on its own, so one being down never
-//! hides the other's numbers, and the outbox lag costs O(1) however large the backlog.
+//! Status: the original design's monitoring points, read from the databases and the queue
+//! so that any process (the CLI, the API) can report them: outbox lag, queue depth, failed
+//! events and commit-to-applied latency. Each database and the queue are read on their
+//! own, so one being down never hides the others' numbers (a broker that is down does not
+//! make the analytics database look down), and the outbox lag costs O(1) however large
+//! the backlog.
 
 use serde::Serialize;
 use sqlx::PgPool;
 
-use crate::queue::Queue;
+use crate::queue::{Depth, Queue};
 use crate::worker::apply::latency_bucket_bounds;
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -35,9 +37,9 @@ pub struct Status {
 /// statistics estimate it. A poll (every dashboard viewer, every scrape) thus reads at
 /// most this many rows of the CRM, however large a backlog grows.
 pub const EXACT_LAG_LIMIT: i64 = 1000;
-/// How long one database may take to answer before it is reported unreachable, so that a
-/// scrape or a health check answers even while a database hangs.
-const READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+/// How long one database (or the queue) may take to answer before it is reported
+/// unreachable, so that a scrape or a health check answers even while one hangs.
+pub const READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// The outbox lag in O(1): exact below EXACT_LAG_LIMIT, an estimate above.
 #[derive(Debug, Clone, Copy, Serialize, PartialEq)]
@@ -69,19 +71,14 @@ pub async fn read_crm(crm: &PgPool) -> anyhow::Result<OutboxLag> {
     })
 }
 
-/// What the analytics database (and the queue in it) told.
+/// What the analytics database told.
 #[derive(Debug, Clone, Serialize)]
 pub struct AnalyticsStatus {
-    pub queue_depth: u64,
-    pub queue_depth_approximate: bool,
     pub failed_events: u64,
     pub latency_ms: Option<Latency>,
 }
 
-pub async fn read_analytics(
-    analytics: &PgPool,
-    queue: &dyn Queue,
-) -> anyhow::Result<AnalyticsStatus> {
+pub async fn read_analytics(analytics: &PgPool) -> anyhow::Result<AnalyticsStatus> {
     let failed: i64 = sqlx::query_scalar("SELECT count(*) FROM crm_analytics.failed_events")
         .fetch_one(analytics)
         .await?;
@@ -92,16 +89,18 @@ pub async fn read_analytics(
     )
     .fetch_all(analytics)
     .await?;
-    let depth = queue.depth().await?;
     Ok(AnalyticsStatus {
-        queue_depth: depth.events,
-        queue_depth_approximate: depth.approximate,
         failed_events: failed as u64,
         latency_ms: percentiles(&histogram),
     })
 }
 
-/// Why one database's side could not be read.
+/// What the queue told: its depth, exact or estimated.
+pub async fn read_queue(queue: &dyn Queue) -> anyhow::Result<Depth> {
+    Ok(queue.depth().await?)
+}
+
+/// Why one database's side (or the queue) could not be read.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Unread {
     /// Every connection of this process's pool was in use and none came free in time: the
@@ -129,27 +128,38 @@ impl std::fmt::Display for Unread {
     }
 }
 
-/// Each database's side on its own: one being down leaves the other's numbers readable.
+/// Each database's side and the queue on their own: one being down leaves the others'
+/// numbers readable.
 #[derive(Debug)]
 pub struct Report {
     /// The CRM's outbox lag, or why it could not be read.
     pub crm: Result<OutboxLag, Unread>,
     /// The analytics side, or why it could not be read.
     pub analytics: Result<AnalyticsStatus, Unread>,
+    /// The queue's depth, or why it could not be read.
+    pub queue: Result<Depth, Unread>,
+    /// The queue's backend (postgres, sqs, nats), as [`Queue::backend`] names it.
+    pub queue_backend: String,
 }
 
 impl Report {
-    /// Both sides read, each within READ_TIMEOUT.
+    /// Both databases and the queue read at once, each within READ_TIMEOUT.
     pub async fn read(crm: &PgPool, analytics: &PgPool, queue: &dyn Queue) -> Self {
-        let (crm, analytics) = tokio::join!(
+        let (crm, analytics, depth) = tokio::join!(
             read_crm_bounded(crm),
-            read_analytics_bounded(analytics, queue)
+            read_analytics_bounded(analytics),
+            read_queue_bounded(queue)
         );
-        Self { crm, analytics }
+        Self {
+            crm,
+            analytics,
+            queue: depth,
+            queue_backend: queue.backend().to_string(),
+        }
     }
 
     /// The names of the databases that did not answer ("crm", "analytics"); a busy pool
-    /// is not among them.
+    /// is not among them, nor the queue (see [`Report::queue_unreachable`]).
     pub fn unreachable(&self) -> Vec<&'static str> {
         let mut names = Vec::new();
         if matches!(self.crm, Err(Unread::Unreachable(_))) {
@@ -161,18 +171,28 @@ impl Report {
         names
     }
 
+    /// Whether the queue did not answer (a busy pool it shares is not an outage).
+    pub fn queue_unreachable(&self) -> bool {
+        matches!(self.queue, Err(Unread::Unreachable(_)))
+    }
+
+    /// Whether every database and the queue answered or were merely busy.
+    pub fn all_reachable(&self) -> bool {
+        self.unreachable().is_empty() && !self.queue_unreachable()
+    }
+
     /// The whole status, or an error naming each database that could not be read.
     pub fn into_status(self) -> anyhow::Result<Status> {
-        match (self.crm, self.analytics) {
-            (Ok(lag), Ok(analytics)) => Ok(Status {
+        match (self.crm, self.analytics, self.queue) {
+            (Ok(lag), Ok(analytics), Ok(depth)) => Ok(Status {
                 outbox_lag: lag.events,
                 outbox_lag_estimated: lag.estimated,
-                queue_depth: analytics.queue_depth,
-                queue_depth_approximate: analytics.queue_depth_approximate,
+                queue_depth: depth.events,
+                queue_depth_approximate: depth.approximate,
                 failed_events: analytics.failed_events,
                 latency_ms: analytics.latency_ms,
             }),
-            (crm, analytics) => {
+            (crm, analytics, depth) => {
                 let mut problems = Vec::new();
                 if let Err(error) = crm {
                     problems.push(format!("the CRM database is {}: {error}", error.state()));
@@ -180,6 +200,13 @@ impl Report {
                 if let Err(error) = analytics {
                     problems.push(format!(
                         "the analytics database is {}: {error}",
+                        error.state()
+                    ));
+                }
+                if let Err(error) = depth {
+                    problems.push(format!(
+                        "the queue ({}) is {}: {error}",
+                        self.queue_backend,
                         error.state()
                     ));
                 }
@@ -191,27 +218,31 @@ impl Report {
 
 /// The CRM side within READ_TIMEOUT.
 pub async fn read_crm_bounded(crm: &PgPool) -> Result<OutboxLag, Unread> {
-    bounded(crm, read_crm(crm)).await
+    bounded(Some(crm), read_crm(crm)).await
 }
 
 /// The analytics side within READ_TIMEOUT.
-pub async fn read_analytics_bounded(
-    analytics: &PgPool,
-    queue: &dyn Queue,
-) -> Result<AnalyticsStatus, Unread> {
-    bounded(analytics, read_analytics(analytics, queue)).await
+pub async fn read_analytics_bounded(analytics: &PgPool) -> Result<AnalyticsStatus, Unread> {
+    bounded(Some(analytics), read_analytics(analytics)).await
+}
+
+/// The queue within READ_TIMEOUT; busy rather than unreachable when it waited for the
+/// pool it shares with the process (the embedded queue's analytics pool).
+pub async fn read_queue_bounded(queue: &dyn Queue) -> Result<Depth, Unread> {
+    bounded(queue.shared_pool(), read_queue(queue)).await
 }
 
 /// Runs `read` within READ_TIMEOUT. A read that failed or timed out while every
 /// connection of `pool` was checked out waited for the pool, not for the database: that
 /// is reported as busy, so that a pipeline using all its connections raises no alarm.
+/// Without a pool (a broker), a failure or a timeout is the broker's.
 async fn bounded<T>(
-    pool: &PgPool,
+    pool: Option<&PgPool>,
     read: impl std::future::Future<Output = anyhow::Result<T>>,
 ) -> Result<T, Unread> {
     let outcome = tokio::time::timeout(READ_TIMEOUT, read).await;
-    let max = pool.options().get_max_connections();
-    let saturated = pool.size() >= max && pool.num_idle() == 0;
+    let max = pool.map_or(0, |pool| pool.options().get_max_connections());
+    let saturated = pool.is_some_and(|pool| pool.size() >= max && pool.num_idle() == 0);
     let busy = || {
         Unread::Busy(format!(
             "all {max} connections of the pool are in use and none came free within \
@@ -239,7 +270,7 @@ fn waited_for_pool(error: &anyhow::Error) -> bool {
     })
 }
 
-/// Both databases' monitoring points; fails naming the database that did not answer.
+/// Both databases' and the queue's monitoring points; fails naming what did not answer.
 pub async fn read(crm: &PgPool, analytics: &PgPool, queue: &dyn Queue) -> anyhow::Result<Status> {
     Report::read(crm, analytics, queue).await.into_status()
 }

@@ -308,8 +308,10 @@ async fn funnel_revenue_event_counts_and_health() {
     assert_eq!(status, 200);
     assert_eq!(
         health,
-        json!({"outbox_lag": 0, "queue_depth": 0, "failed_events": 0, "latency_ms": {"p50": null, "p99": null},
-               "databases": {"crm": "up", "analytics": "up"}, "detail": null})
+        json!({"outbox_lag": 0, "queue_backend": "postgres", "queue_depth": 0,
+               "queue_depth_approximate": false, "failed_events": 0,
+               "latency_ms": {"p50": null, "p99": null},
+               "databases": {"crm": "up", "analytics": "up", "queue": "up"}, "detail": null})
     );
     sqlx::query(
         "INSERT INTO crm_analytics.latency_histogram VALUES (date_trunc('minute', now()), 10, 7)",

@@ -48,9 +48,89 @@ async fn migrate_is_idempotent_and_versioned() {
             ("capture".into(), 1),
             ("capture".into(), 2),
             ("capture".into(), 3),
-            ("capture".into(), 4)
+            ("capture".into(), 4),
+            ("postgres_queue".into(), 1)
         ]
     );
+    let applied = crm_analytics::queue::migrate(&pool).await.unwrap();
+    assert!(
+        applied.is_empty(),
+        "a second run applies no queue migration"
+    );
+    db.finish(pool).await;
+}
+
+/// An installation of the release before the embedded queue had migrations of its own: the
+/// queue's table came with analytics migration 1 and may hold events. Commands ask for
+/// `migrate`, which records the queue's migration and keeps the table and its events.
+#[tokio::test]
+async fn an_installation_whose_queue_came_with_analytics_upgrades_in_place() {
+    let db = TestDb::create().await;
+    let pool = db.pool(4).await;
+    crm_analytics::capture::create_reference_schema(&pool, "public")
+        .await
+        .unwrap();
+    crm_analytics::capture::attach(&pool, "public")
+        .await
+        .unwrap();
+    crm_analytics::migrate::apply(&pool, "analytics", crm_analytics::aggregates::MIGRATIONS)
+        .await
+        .unwrap();
+    // The table as analytics migration 1 created it (the same statements), unbookkept.
+    sqlx::raw_sql(crm_analytics::queue::postgres::MIGRATIONS[0].sql)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let queue = common::open_queue(&pool, u64::MAX).await;
+    let waiting = crm_analytics::queue::Message {
+        event_id: uuid::Uuid::new_v4(),
+        event_type: "accounts.insert".into(),
+        body: "{}".into(),
+    };
+    queue.publish_messages(&[waiting]).await.unwrap();
+
+    let run = |args: &[&str]| {
+        std::process::Command::new(common::binary())
+            .args(args)
+            .env("DATABASE_URL", &db.url)
+            .env_remove("ANALYTICS_DATABASE_URL")
+            .env_remove("CRM_ANALYTICS_QUEUE")
+            .output()
+            .expect("run crm-analytics")
+    };
+    let output = run(&["status"]);
+    let said = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{said}");
+    assert!(
+        said.contains("the embedded queue (CRM_ANALYTICS_QUEUE=postgres) is not installed")
+            && said.contains("run `crm-analytics migrate`"),
+        "{said}"
+    );
+    let output = run(&["migrate"]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let output = run(&["status", "--json"]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let status: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(
+        status["queue_depth"], 1,
+        "the waiting event is kept: {status}"
+    );
+    let recorded: Vec<i32> = sqlx::query_scalar(
+        "SELECT version FROM crm_analytics.schema_migrations WHERE component = 'postgres_queue'",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(recorded, vec![1]);
+    drop(queue);
     db.finish(pool).await;
 }
 

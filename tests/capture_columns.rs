@@ -87,15 +87,9 @@ async fn metrics_images_carry_only_what_the_metrics_read_and_stay_exact() {
     .execute(&pool)
     .await
     .unwrap();
-    crm_analytics::cli::migrate_all_with(
-        &pool,
-        &pool,
-        "public",
-        false,
-        Some(CaptureColumns::Metrics),
-    )
-    .await
-    .unwrap();
+    crm_analytics::migrate::all_with(&pool, &pool, "public", false, Some(CaptureColumns::Metrics))
+        .await
+        .unwrap();
 
     let mut args = db.args();
     args.outbox_retention = Duration::from_secs(3600); // to read what was relayed
@@ -193,15 +187,9 @@ async fn a_switch_behind_a_long_transaction_gives_up_without_blocking_reads() {
     crm_analytics::capture::create_reference_schema(&pool, "public")
         .await
         .unwrap();
-    crm_analytics::cli::migrate_all_with(
-        &pool,
-        &pool,
-        "public",
-        false,
-        Some(CaptureColumns::Metrics),
-    )
-    .await
-    .unwrap();
+    crm_analytics::migrate::all_with(&pool, &pool, "public", false, Some(CaptureColumns::Metrics))
+        .await
+        .unwrap();
     sqlx::query("INSERT INTO leads (source) VALUES ('web')")
         .execute(&pool)
         .await

@@ -137,11 +137,11 @@ async fn a_createrole_migrator_that_is_not_superuser_can_migrate() {
     .unwrap();
     let url = db.url.replacen("postgres@", &format!("{migrator}@"), 1);
     let pool = sqlx::PgPool::connect(&url).await.unwrap();
-    crm_analytics::cli::migrate_all(&pool, &pool, "public", true)
+    crm_analytics::migrate::all(&pool, &pool, "public", true)
         .await
         .expect("migrate as a CREATEROLE non-superuser");
     // Row images of the metric columns only: per-table functions, handed over the same way.
-    crm_analytics::cli::migrate_all_with(
+    crm_analytics::migrate::all_with(
         &pool,
         &pool,
         "public",

@@ -246,7 +246,7 @@ async fn backfill_with_writers_running_is_exact() {
         .await
         .unwrap();
     assert!(before > 50);
-    crm_analytics::cli::migrate_all(&pool, &pool, "public", false)
+    crm_analytics::migrate::all(&pool, &pool, "public", false)
         .await
         .unwrap();
 

@@ -1,10 +1,16 @@
-//! Monitoring with a database down: /metrics keeps the outbox lag moving and reports which
-//! database is down; /api/health/ and `status` name the unreachable database.
+//! Monitoring with a database or the queue down: /metrics keeps the outbox lag moving and
+//! reports which database (or the queue) is down; /api/health/, /readyz and `status` name
+//! what is unreachable, each on its own.
 
 mod common;
 
+use async_trait::async_trait;
 use common::{Server, TestDb, TOKEN};
+use crm_analytics::queue::{Depth, Message, Queue, QueueError, ReceivedBatch};
 use std::process::Command;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 fn gauge(text: &str, line_start: &str) -> f64 {
     text.lines()
@@ -24,7 +30,7 @@ async fn the_outbox_lag_stays_visible_while_analytics_is_down() {
     let analytics_db = TestDb::create().await;
     let crm = crm_db.pool(4).await;
     let analytics = analytics_db.pool(4).await;
-    crm_analytics::cli::migrate_all(&crm, &analytics, "public", true)
+    crm_analytics::migrate::all(&crm, &analytics, "public", true)
         .await
         .unwrap();
     let options = crm_analytics::api::ServeOptions {
@@ -108,6 +114,17 @@ async fn the_outbox_lag_stays_visible_while_analytics_is_down() {
     );
     assert!(!output.status.success(), "{stdout}{stderr}");
     assert!(stdout.contains("outbox lag     7 events"), "{stdout}");
+    // The embedded queue is in the analytics database: down with it.
+    assert!(
+        stdout.contains("queue          postgres, unreachable"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("queue depth    unknown"), "{stdout}");
+    assert!(
+        stderr.contains("the queue (postgres, CRM_ANALYTICS_QUEUE) is unreachable"),
+        "{stderr}"
+    );
+    assert_eq!(output.status.code(), Some(2), "{stdout}{stderr}");
     assert!(
         stderr.contains("analytics database (ANALYTICS_DATABASE_URL) is unreachable")
             && stderr.contains(&analytics_name),
@@ -254,4 +271,205 @@ async fn status_is_bounded_when_a_server_never_answers() {
     locker.rollback().await.unwrap();
     drop(silent);
     db.finish(crm).await;
+}
+
+/// What [`Flaky`]'s depth does.
+const ANSWERS: u8 = 0;
+const FAILS: u8 = 1;
+const HANGS: u8 = 2;
+
+/// The real PostgreSQL queue, except that its depth can fail or never answer, as a broker
+/// that is down does while the analytics database is fine.
+struct Flaky {
+    inner: Arc<dyn Queue>,
+    mode: Arc<AtomicU8>,
+}
+
+#[async_trait]
+impl Queue for Flaky {
+    fn backend(&self) -> &'static str {
+        self.inner.backend()
+    }
+    async fn publish_messages(&self, messages: &[Message]) -> Result<(), QueueError> {
+        self.inner.publish_messages(messages).await
+    }
+    async fn receive(
+        &self,
+        max: usize,
+        wait: Duration,
+    ) -> Result<Box<dyn ReceivedBatch>, QueueError> {
+        self.inner.receive(max, wait).await
+    }
+    async fn depth(&self) -> Result<Depth, QueueError> {
+        match self.mode.load(Ordering::SeqCst) {
+            FAILS => Err(QueueError::Broker {
+                backend: "postgres",
+                operation: "depth",
+                message: "connection refused".into(),
+                retryable: true,
+            }),
+            HANGS => std::future::pending().await,
+            _ => self.inner.depth().await,
+        }
+    }
+    async fn is_full(&self) -> Result<bool, QueueError> {
+        self.inner.is_full().await
+    }
+    fn shared_pool(&self) -> Option<&sqlx::PgPool> {
+        self.inner.shared_pool()
+    }
+}
+
+#[tokio::test]
+async fn a_queue_that_does_not_answer_is_reported_on_its_own() {
+    let (db, crm) = TestDb::migrated().await;
+    let analytics = db.pool(8).await;
+    let mode = Arc::new(AtomicU8::new(ANSWERS));
+    let queue: Arc<dyn Queue> = Arc::new(Flaky {
+        inner: common::open_queue(&analytics, u64::MAX).await,
+        mode: mode.clone(),
+    });
+    let state = crm_analytics::api::AppState {
+        crm: crm.clone(),
+        analytics: analytics.clone(),
+        queue: queue.clone(),
+    };
+    let options = crm_analytics::api::ServeOptions {
+        tokens: crm_analytics::api::auth::Tokens::parse(TOKEN),
+        cache_ttl: Duration::from_secs(0),
+        public_url: None,
+    };
+    let server = Server::serve_state(state, options).await;
+    let base = server.base.clone();
+    let scrape = || async {
+        common::client()
+            .get(format!("{base}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    let ready = || async {
+        common::client()
+            .get(format!("{base}/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+
+    // Everything answers.
+    let (status, health) = common::get_json(&base, "/api/health/").await;
+    assert_eq!(status, 200, "{health}");
+    assert_eq!(health["databases"]["queue"], "up", "{health}");
+    assert_eq!(health["queue_backend"], "postgres", "{health}");
+    assert_eq!(health["queue_depth"], 0, "{health}");
+    assert_eq!(ready().await, 200);
+    let text = scrape().await;
+    assert_eq!(gauge(&text, "crm_analytics_queue_up "), 1.0, "{text}");
+    assert_eq!(gauge(&text, "crm_analytics_queue_depth "), 0.0, "{text}");
+
+    // The queue fails: it alone is down, not the analytics database.
+    mode.store(FAILS, Ordering::SeqCst);
+    let report = crm_analytics::status::Report::read(&crm, &analytics, &*queue).await;
+    assert!(report.crm.is_ok() && report.analytics.is_ok(), "{report:?}");
+    assert!(
+        matches!(
+            &report.queue,
+            Err(crm_analytics::status::Unread::Unreachable(e)) if e.contains("connection refused")
+        ),
+        "{report:?}"
+    );
+    assert!(report.unreachable().is_empty(), "{report:?}");
+    assert!(report.queue_unreachable() && !report.all_reachable());
+    let error = report.into_status().expect_err("the queue is down");
+    assert!(
+        error
+            .to_string()
+            .contains("the queue (postgres) is unreachable"),
+        "{error}"
+    );
+    let (status, health) = common::get_json(&base, "/api/health/").await;
+    assert_eq!(status, 503, "{health}");
+    assert_eq!(health["databases"]["crm"], "up", "{health}");
+    assert_eq!(health["databases"]["analytics"], "up", "{health}");
+    assert_eq!(health["databases"]["queue"], "unreachable", "{health}");
+    assert!(health["queue_depth"].is_null(), "{health}");
+    assert!(health["queue_depth_approximate"].is_null(), "{health}");
+    assert_eq!(
+        health["failed_events"], 0,
+        "the analytics side is still read"
+    );
+    assert_eq!(health["detail"], "unreachable queue: postgres", "{health}");
+    assert_eq!(ready().await, 503);
+    let text = scrape().await;
+    assert_eq!(gauge(&text, "crm_analytics_queue_up "), 0.0, "{text}");
+    assert_eq!(
+        gauge(&text, "crm_analytics_database_up{database=\"analytics\"}"),
+        1.0,
+        "{text}"
+    );
+
+    // Back up: so are health, readiness and the gauge.
+    mode.store(ANSWERS, Ordering::SeqCst);
+    let (status, health) = common::get_json(&base, "/api/health/").await;
+    assert_eq!(status, 200, "{health}");
+    assert_eq!(ready().await, 200);
+    assert_eq!(gauge(&scrape().await, "crm_analytics_queue_up "), 1.0);
+
+    // A queue that never answers is given up on within the read timeout.
+    mode.store(HANGS, Ordering::SeqCst);
+    let started = Instant::now();
+    let (status, health) = common::get_json(&base, "/api/health/").await;
+    assert!(
+        started.elapsed() < crm_analytics::status::READ_TIMEOUT + Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(status, 503, "{health}");
+    assert_eq!(health["databases"]["queue"], "unreachable", "{health}");
+    assert_eq!(health["databases"]["analytics"], "up", "{health}");
+    assert_eq!(ready().await, 503);
+    assert_eq!(gauge(&scrape().await, "crm_analytics_queue_up "), 0.0);
+
+    server.stop().await;
+    drop(queue);
+    analytics.close().await;
+    db.finish(crm).await;
+}
+
+#[tokio::test]
+async fn status_names_the_queue_backend_and_its_state() {
+    let (db, pool) = TestDb::migrated().await;
+    let status = |json: bool| {
+        let mut command = Command::new(common::binary());
+        command
+            .arg("status")
+            .env("DATABASE_URL", &db.url)
+            .env_remove("ANALYTICS_DATABASE_URL")
+            .env_remove("CRM_ANALYTICS_QUEUE");
+        if json {
+            command.arg("--json");
+        }
+        command.output().unwrap()
+    };
+    let output = status(false);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}");
+    assert!(stdout.contains("queue          postgres, up"), "{stdout}");
+    assert!(stdout.contains("queue depth    0 events"), "{stdout}");
+    let output = status(true);
+    assert!(output.status.success());
+    let value: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(value["queue_backend"], "postgres", "{value}");
+    assert_eq!(value["queue_depth"], 0, "{value}");
+    assert_eq!(value["queue_depth_approximate"], false, "{value}");
+    assert_eq!(
+        value["databases"],
+        serde_json::json!({"crm": "up", "analytics": "up", "queue": "up"})
+    );
+    db.finish(pool).await;
 }

@@ -4,6 +4,7 @@
 mod common;
 
 use common::TestDb;
+use crm_analytics::queue::Message;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -91,12 +92,17 @@ async fn poison_events_are_parked_then_replayed_once_fixed() {
             break;
         }
         if started.elapsed() > Duration::from_secs(30) {
-            let queue: Vec<(i32, Option<String>)> =
-                sqlx::query_as("SELECT attempts, last_error FROM crm_analytics.queue")
-                    .fetch_all(&pool)
-                    .await
-                    .unwrap();
-            panic!("poison events were not parked: {parked} parked, queue {queue:?}");
+            // What the queue would deliver next, looked at and given back unsettled.
+            let batch = running.pipeline.queue.receive(100, Duration::ZERO).await;
+            let waiting: Vec<(Option<uuid::Uuid>, u32)> = batch
+                .map(|b| {
+                    b.deliveries()
+                        .iter()
+                        .map(|d| (d.event_id, d.attempt))
+                        .collect()
+                })
+                .unwrap_or_default();
+            panic!("poison events were not parked: {parked} parked, queue (event, attempt) {waiting:?}");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -169,8 +175,16 @@ async fn a_message_that_is_not_an_event_is_parked_with_its_raw_text() {
     let mut args = db.args();
     args.max_attempts = 1;
     let running = common::start(&db, &args).await;
-    sqlx::query("INSERT INTO crm_analytics.queue (event_id, body) VALUES (gen_random_uuid(), 'not json at all')")
-        .execute(&pool)
+    // Published through the queue as any message is, with a body that is no envelope.
+    let garbage = Message {
+        event_id: uuid::Uuid::new_v4(),
+        event_type: "unknown".into(),
+        body: "not json at all".into(),
+    };
+    running
+        .pipeline
+        .queue
+        .publish_messages(&[garbage])
         .await
         .unwrap();
     sqlx::query("INSERT INTO accounts (name) VALUES ('fine')")

@@ -54,7 +54,7 @@ async fn verify_reports_a_missing_an_extra_and_a_changed_row_in_every_table() {
     common::assert_exact(&pool).await;
     sqlx::raw_sql(CORRUPT).execute(&pool).await.unwrap();
 
-    let found = crm_analytics::cli::verify(&pool, &pool, "public", 100)
+    let found = crm_analytics::aggregates::verify::verify(&pool, &pool, "public", 100)
         .await
         .unwrap();
     assert_eq!(found.differences, 9, "{:#?}", found.shown);
@@ -90,7 +90,7 @@ async fn verify_reports_a_missing_an_extra_and_a_changed_row_in_every_table() {
         .any(|l| l.starts_with("daily_account_metrics (None, None): expected no row")));
 
     // Only the first few are described; all are counted.
-    let capped = crm_analytics::cli::verify(&pool, &pool, "public", 2)
+    let capped = crm_analytics::aggregates::verify::verify(&pool, &pool, "public", 2)
         .await
         .unwrap();
     assert_eq!((capped.differences, capped.shown.len()), (9, 2));

@@ -1,13 +1,14 @@
 //! Aggregates: the exact, pre-aggregated metrics in schema `analytics`.
 //!
 //! Owns the analytics schema and its migrations, the decoding of row images, the pure
-//! delta arithmetic (new row minus old row), the set-based writes, and the full SQL
-//! recomputation that backfill, rebuild and verification use.
+//! delta arithmetic (new row minus old row), the set-based writes, the full SQL
+//! recomputation that backfill and rebuild load, and the verification against it.
 
 pub mod apply;
 pub mod delta;
 pub mod recompute;
 pub mod rows;
+pub mod verify;
 
 use crate::migrate::Migration;
 

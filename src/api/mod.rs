@@ -179,12 +179,22 @@ async fn healthz() -> Json<serde_json::Value> {
     Json(serde_json::json!({ "status": "ok" }))
 }
 
-async fn readyz(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
-    sqlx::query("SELECT 1")
-        .execute(&state.analytics)
-        .await
-        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
-    Ok(Json(serde_json::json!({ "status": "ready" })))
+/// Ready when the analytics database answers and the queue is not unreachable (a queue
+/// whose shared pool is merely busy is not an outage).
+async fn readyz(State(state): State<AppState>) -> Response {
+    let (database, queue) = tokio::join!(
+        sqlx::query("SELECT 1").execute(&state.analytics),
+        crate::status::read_queue_bounded(&*state.queue)
+    );
+    if let Err(error) = database {
+        return ApiError::Unavailable(error.to_string()).into_response();
+    }
+    if let Err(crate::status::Unread::Unreachable(error)) = queue {
+        tracing::warn!(%error, backend = state.queue.backend(), "not ready: the queue is unreachable");
+        let detail = serde_json::json!({ "detail": "The queue is not reachable." });
+        return (StatusCode::SERVICE_UNAVAILABLE, Json(detail)).into_response();
+    }
+    Json(serde_json::json!({ "status": "ready" })).into_response()
 }
 
 /// Prometheus text format (see [`crate::telemetry::metrics::scrape`]).

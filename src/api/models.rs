@@ -88,7 +88,9 @@ pub struct LatencyMs {
 pub struct Health {
     /// Events committed in the CRM, not yet handed to the queue (null: CRM unreachable).
     pub outbox_lag: Option<u64>,
-    /// Events in the queue, waiting or being applied (null: analytics unreachable).
+    /// The queue's backend (CRM_ANALYTICS_QUEUE): "postgres", "sqs" or "nats".
+    pub queue_backend: String,
+    /// Events in the queue, waiting or being applied (null: the queue did not answer).
     pub queue_depth: Option<u64>,
     /// Whether queue_depth is the broker's estimate (SQS) rather than a count.
     pub queue_depth_approximate: Option<bool>,
@@ -96,17 +98,23 @@ pub struct Health {
     pub failed_events: Option<u64>,
     /// Commit-to-applied latency over the last five minutes; null without events.
     pub latency_ms: LatencyMs,
-    /// Whether each database answered: "up", "busy" (every connection of the process's pool
-    /// was in use, its numbers are null; not an outage, no 503) or "unreachable".
+    /// Whether each database and the queue answered: "up", "busy" (every connection of the
+    /// process's pool was in use, its numbers are null; not an outage, no 503) or
+    /// "unreachable" (the response is then a 503).
     pub databases: DatabaseStates,
-    /// Which databases are unreachable (the response is then a 503); null when none.
+    /// Which databases or queue are unreachable (the response is then a 503); null when none.
     pub detail: Option<String>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct DatabaseStates {
+    /// The CRM database (outbox lag).
     pub crm: &'static str,
+    /// The analytics database (failed events, latency).
     pub analytics: &'static str,
+    /// The queue (its depth), a broker or the embedded queue in the analytics database:
+    /// a broker that is down is reported here, not as the analytics database.
+    pub queue: &'static str,
 }
 
 macro_rules! page {

@@ -455,11 +455,11 @@ pub async fn event_counts(
     }))
 }
 
-/// Pipeline health: the original design's monitoring points, and which database is
-/// unreachable (503) when one is.
+/// Pipeline health: the original design's monitoring points, and which database or queue
+/// is unreachable (503) when one is.
 #[utoipa::path(get, path = "/api/health/",
     responses((status = 200, body = Health), (status = 401, body = ErrorDetail),
-              (status = 503, description = "a database is unreachable; the other's numbers are still given", body = Health)),
+              (status = 503, description = "a database or the queue is unreachable; the others' numbers are still given", body = Health)),
     security(("bearer" = [])))]
 pub async fn health(State(state): State<AppState>) -> (StatusCode, Json<Health>) {
     let report = crate::status::Report::read(&state.crm, &state.analytics, &*state.queue).await;
@@ -467,13 +467,14 @@ pub async fn health(State(state): State<AppState>) -> (StatusCode, Json<Health>)
         Ok(()) => "up",
         Err(unread) => unread.state(),
     };
-    let unreachable = report.unreachable();
     let analytics = report.analytics.as_ref().ok();
+    let depth = report.queue.as_ref().ok();
     let latency = analytics.and_then(|a| a.latency_ms.as_ref());
     let health = Health {
         outbox_lag: report.crm.as_ref().ok().map(|lag| lag.events),
-        queue_depth: analytics.map(|a| a.queue_depth),
-        queue_depth_approximate: analytics.map(|a| a.queue_depth_approximate),
+        queue_backend: report.queue_backend.clone(),
+        queue_depth: depth.map(|d| d.events),
+        queue_depth_approximate: depth.map(|d| d.approximate),
         failed_events: analytics.map(|a| a.failed_events),
         latency_ms: LatencyMs {
             p50: latency.map(|l| l.p50),
@@ -482,9 +483,9 @@ pub async fn health(State(state): State<AppState>) -> (StatusCode, Json<Health>)
         databases: DatabaseStates {
             crm: state_of(report.crm.as_ref().map(|_| ())),
             analytics: state_of(report.analytics.as_ref().map(|_| ())),
+            queue: state_of(report.queue.as_ref().map(|_| ())),
         },
-        detail: (!unreachable.is_empty())
-            .then(|| format!("unreachable database: {}", unreachable.join(", "))),
+        detail: unreachable_detail(&report),
     };
     if let Err(error) = &report.crm {
         tracing::debug!(%error, state = error.state(), "health: the CRM side was not read");
@@ -492,10 +493,28 @@ pub async fn health(State(state): State<AppState>) -> (StatusCode, Json<Health>)
     if let Err(error) = &report.analytics {
         tracing::debug!(%error, state = error.state(), "health: the analytics side was not read");
     }
-    let status = if unreachable.is_empty() {
+    if let Err(error) = &report.queue {
+        tracing::debug!(%error, state = error.state(), backend = %report.queue_backend,
+                        "health: the queue was not read");
+    }
+    let status = if report.all_reachable() {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (status, Json(health))
+}
+
+/// What did not answer, e.g. "unreachable database: analytics; unreachable queue:
+/// postgres"; None when everything did.
+pub(crate) fn unreachable_detail(report: &crate::status::Report) -> Option<String> {
+    let mut parts = Vec::new();
+    let databases = report.unreachable();
+    if !databases.is_empty() {
+        parts.push(format!("unreachable database: {}", databases.join(", ")));
+    }
+    if report.queue_unreachable() {
+        parts.push(format!("unreachable queue: {}", report.queue_backend));
+    }
+    (!parts.is_empty()).then(|| parts.join("; "))
 }

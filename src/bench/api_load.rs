@@ -105,7 +105,7 @@ pub async fn run(server: &str, scale: Scale, report: &mut Report) -> anyhow::Res
     println!("{SECTION}");
     let db = BenchDb::create(server, "api").await?;
     let pool = db.pool(12).await?;
-    crate::cli::migrate_all(&pool, &pool, "public", true).await?;
+    crate::migrate::all(&pool, &pool, "public", true).await?;
     // 1,000 accounts with a row for each of 120 days, and a funnel of 120 cohorts x 5 sources.
     sqlx::raw_sql(
         "INSERT INTO analytics.daily_account_metrics

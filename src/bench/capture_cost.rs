@@ -27,7 +27,7 @@ async fn crm_database(
     .execute(&pool)
     .await?;
     if capture {
-        crate::cli::migrate_all(&pool, &pool, "public", false).await?;
+        crate::migrate::all(&pool, &pool, "public", false).await?;
     }
     sqlx::raw_sql("VACUUM ANALYZE").execute(&pool).await?;
     Ok((db, pool))

@@ -5,10 +5,12 @@
 
 use sqlx::{Connection, PgConnection, PgPool};
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::process::{Child, Command};
 
 use super::{BenchDb, Report, Scale};
+use crate::queue::{Queue, QueueOptions, QueueSpec};
 
 const SECTION: &str = "2. Drain throughput, memory and scale-out";
 
@@ -16,7 +18,7 @@ const SECTION: &str = "2. Drain throughput, memory and scale-out";
 async fn template(server: &str, events: i64) -> anyhow::Result<(BenchDb, i64)> {
     let db = BenchDb::create(server, "backlog").await?;
     let pool = db.pool(2).await?;
-    crate::cli::migrate_all(&pool, &pool, "public", true).await?;
+    crate::migrate::all(&pool, &pool, "public", true).await?;
     let n = |share: f64| ((events as f64) * share).round() as i64;
     sqlx::query("INSERT INTO accounts (name) SELECT 'account ' || i FROM generate_series(1, $1) i")
         .bind(n(0.05).max(10))
@@ -68,12 +70,18 @@ async fn copy(server: &str, template: &BenchDb, label: &str) -> anyhow::Result<B
     })
 }
 
-pub(super) async fn drained(pool: &PgPool) -> anyhow::Result<bool> {
-    Ok(sqlx::query_scalar(
-        "SELECT NOT EXISTS (SELECT 1 FROM crm_analytics.event_outbox) AND NOT EXISTS (SELECT 1 FROM crm_analytics.queue)",
-    )
-    .fetch_one(pool)
-    .await?)
+/// Whether the outbox and the queue are both empty.
+pub(super) async fn drained(pool: &PgPool, queue: &dyn Queue) -> anyhow::Result<bool> {
+    let outbox_empty: bool =
+        sqlx::query_scalar("SELECT NOT EXISTS (SELECT 1 FROM crm_analytics.event_outbox)")
+            .fetch_one(pool)
+            .await?;
+    Ok(outbox_empty && queue.depth().await?.events == 0)
+}
+
+/// The queue the spawned processes drain (see [`spawn`]), to watch its depth.
+pub(super) async fn open_queue(pool: &PgPool) -> anyhow::Result<Arc<dyn Queue>> {
+    Ok(crate::queue::open(&QueueSpec::Postgres, pool, &QueueOptions::default()).await?)
 }
 
 pub(super) fn spawn(
@@ -86,6 +94,9 @@ pub(super) fn spawn(
         .arg(command)
         .env("DATABASE_URL", &db.url)
         .env_remove("ANALYTICS_DATABASE_URL")
+        // The default queue whatever the environment says: the benchmark measures it, and
+        // watches its depth (open_queue).
+        .env("CRM_ANALYTICS_QUEUE", "postgres")
         .env("CRM_ANALYTICS_ARCHIVE", archive)
         .env("CRM_ANALYTICS_LISTEN", "127.0.0.1:0")
         .env("RUST_LOG", "warn")
@@ -113,7 +124,8 @@ async fn drain_with(
     for command in commands {
         children.push(spawn(db, command, &archive)?);
     }
-    while !drained(&pool).await? {
+    let queue = open_queue(&pool).await?;
+    while !drained(&pool, &*queue).await? {
         anyhow::ensure!(
             started.elapsed() < timeout,
             "the backlog did not drain within {timeout:?}"

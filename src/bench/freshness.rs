@@ -15,7 +15,7 @@ pub async fn run(server: &str, scale: Scale, report: &mut Report) -> anyhow::Res
     println!("{SECTION}");
     let db = BenchDb::create(server, "fresh").await?;
     let writers = db.pool(4).await?;
-    crate::cli::migrate_all(&writers, &writers, "public", true).await?;
+    crate::migrate::all(&writers, &writers, "public", true).await?;
     sqlx::raw_sql("INSERT INTO accounts (name) SELECT 'a' || i FROM generate_series(1, 100) i")
         .execute(&writers)
         .await?;

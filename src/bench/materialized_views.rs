@@ -111,7 +111,7 @@ fn human(rows: i64) -> String {
 async fn one_size(server: &str, rows: i64, changes: u64) -> anyhow::Result<AtSize> {
     let db = BenchDb::create(server, "mv").await?;
     let pool = db.pool(8).await?;
-    crate::cli::migrate_all(&pool, &pool, "public", true).await?;
+    crate::migrate::all(&pool, &pool, "public", true).await?;
     let started = Instant::now();
     load_crm(&pool, rows).await?;
     println!(
@@ -139,7 +139,7 @@ async fn one_size(server: &str, rows: i64, changes: u64) -> anyhow::Result<AtSiz
     // Incremental: the pipeline drains those events; then probes measure freshness.
     let started = Instant::now();
     let running = super::InProcess::start(&db).await?;
-    while !super::drain::drained(&pool).await? {
+    while !super::drain::drained(&pool, &*running.pipeline.queue).await? {
         anyhow::ensure!(
             started.elapsed() < Duration::from_secs(600),
             "{events} events did not drain"

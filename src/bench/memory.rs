@@ -22,7 +22,7 @@ pub async fn run(server: &str, scale: Scale, report: &mut Report) -> anyhow::Res
     println!("{SECTION}");
     let db = BenchDb::create(server, "memory").await?;
     let pool = db.pool(4).await?;
-    crate::cli::migrate_all(&pool, &pool, "public", true).await?;
+    crate::migrate::all(&pool, &pool, "public", true).await?;
     sqlx::raw_sql("INSERT INTO accounts (name) SELECT 'a' || i FROM generate_series(1, 500) i")
         .execute(&pool)
         .await?;

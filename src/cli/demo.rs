@@ -68,7 +68,7 @@ pub async fn run(db: &DatabaseArgs, args: DemoArgs) -> anyhow::Result<()> {
     // The demo serves the dashboard too: its pools count the API's connections.
     let pipeline =
         Pipeline::connect_for(&db, &args.pipeline, crate::pipeline::Roles::ALL, true).await?;
-    super::migrate_all(&pipeline.crm, &pipeline.analytics, &db.crm_schema, true).await?;
+    crate::migrate::all(&pipeline.crm, &pipeline.analytics, &db.crm_schema, true).await?;
     let report =
         crate::backfill::run(&pipeline.crm, &pipeline.analytics, &db.crm_schema, false).await?;
     println!(
@@ -163,7 +163,9 @@ pub async fn run(db: &DatabaseArgs, args: DemoArgs) -> anyhow::Result<()> {
         applied as f64 / seconds,
     );
 
-    let found = super::verify(&pipeline.crm, &pipeline.analytics, &db.crm_schema, 10).await?;
+    let found =
+        crate::aggregates::verify::verify(&pipeline.crm, &pipeline.analytics, &db.crm_schema, 10)
+            .await?;
     if found.differences == 0 {
         println!("✔ every aggregate equals a full recomputation over the CRM tables");
     } else {

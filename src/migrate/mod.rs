@@ -2,9 +2,18 @@
 //!
 //! Owns the bookkeeping table `crm_analytics.schema_migrations`, one row per applied
 //! version and component ("capture" in the CRM database, "analytics" in the analytics
-//! database). A second run applies nothing; a later release appends migrations.
+//! database, "postgres_queue" for the embedded queue's table). A second run applies
+//! nothing; a later release appends migrations. Only versions are recorded, not the text
+//! of the files: an applied migration never runs again, whatever its file says now.
+//!
+//! [`all`] installs every component at once (`crm-analytics migrate`); [`require_installed`]
+//! is the check every other command makes first.
+
+mod install;
 
 use sqlx::PgPool;
+
+pub use install::{all, all_with, require_installed, InstallError};
 
 /// One forward-only schema change.
 pub struct Migration {

@@ -2,7 +2,7 @@
 //!
 //! Owns the [`Queue`] trait every backend implements, the setting that picks one
 //! ([`QueueSpec`], `CRM_ANALYTICS_QUEUE`), the [`open`] factory, and the backends themselves
-//! (one file each). Delivery is at least once and may duplicate; the workers make the
+//! (one module each, owning what it needs: tables, migrations, upkeep). Delivery is at least once and may duplicate; the workers make the
 //! effect exactly once. Every backend is bounded, so a slow consumer slows the relay down
 //! instead of filling memory.
 
@@ -10,12 +10,15 @@ pub mod postgres;
 mod spec;
 
 use async_trait::async_trait;
+use futures::future::BoxFuture;
 use sqlx::PgPool;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::event::Envelope;
+use crate::migrate::MigrateError;
 pub use spec::{QueueArgs, QueueSpec};
 
 /// What went wrong talking to a queue: which backend and operation, and whether trying
@@ -132,6 +135,23 @@ pub trait Queue: Send + Sync {
     /// every relay batch: a backend whose depth costs a paid call answers from a recent
     /// reading.
     async fn is_full(&self) -> Result<bool, QueueError>;
+    /// The PostgreSQL pool the queue takes its connections from, when it shares one with
+    /// the rest of the process (the embedded queue: the analytics pool). A status read that
+    /// timed out while that pool had no free connection waited for the pool, not for the
+    /// queue: it is reported busy, not down. None: the queue has connections of its own.
+    fn shared_pool(&self) -> Option<&PgPool> {
+        None
+    }
+    /// The backend's own upkeep, run by every process that drains the queue (the workers)
+    /// until `shutdown`: the embedded queue vacuums its table every `interval` (0: never).
+    /// None: nothing to do (a broker keeps itself).
+    fn maintenance(
+        &self,
+        _interval: Duration,
+        _shutdown: CancellationToken,
+    ) -> Option<BoxFuture<'static, ()>> {
+        None
+    }
 }
 
 /// Settings every backend reads when it opens.
@@ -151,6 +171,46 @@ impl Default for QueueOptions {
             lease: Duration::from_secs(30),
         }
     }
+}
+
+impl QueueSpec {
+    /// The backend's name as [`Queue::backend`] gives it (the setting's scheme: postgres,
+    /// sqs, nats), for reports about a queue that could not even be opened.
+    pub fn backend_name(&self) -> String {
+        let text = self.to_string();
+        match text.split_once("://") {
+            Some((scheme, _)) => scheme.to_string(),
+            None => text,
+        }
+    }
+
+    /// Whether the queue lives in the analytics database (the embedded queue), so that it
+    /// is unreachable whenever that database is.
+    pub fn lives_in_analytics_database(&self) -> bool {
+        matches!(self, QueueSpec::Postgres)
+    }
+}
+
+/// Installs what the backends keep in the analytics database (the embedded queue's
+/// table), whichever backend `CRM_ANALYTICS_QUEUE` names: the table costs nothing while
+/// empty, and a database migrated once then works with any backend, including the
+/// default one when a shell lacks the setting. Returns the versions applied.
+pub async fn migrate(analytics: &PgPool) -> Result<Vec<i32>, MigrateError> {
+    postgres::migrate(analytics).await
+}
+
+/// Fails saying to run `migrate` unless what the backend `spec` names keeps in the
+/// analytics database is installed and current (nothing for a broker). `setting` names
+/// where the analytics database's URL came from.
+pub async fn require_installed(
+    spec: &QueueSpec,
+    analytics: &PgPool,
+    setting: &'static str,
+) -> Result<(), MigrateError> {
+    if matches!(spec, QueueSpec::Postgres) {
+        postgres::require(analytics, setting).await?;
+    }
+    Ok(())
 }
 
 /// Opens the queue `spec` names. The PostgreSQL queue lives in the analytics database.

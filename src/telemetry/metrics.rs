@@ -106,8 +106,9 @@ pub fn relay_failed() {
     counter!("crm_analytics_relay_failures_total").increment(1);
 }
 
-/// The databases' monitoring points as last read: a gauge per database says whether it
-/// answered (1) or not (0); the gauges of a database that did not answer keep their value.
+/// The databases' and the queue's monitoring points as last read: a gauge per database
+/// (and `crm_analytics_queue_up` for the queue) says whether it answered (1) or not (0);
+/// the gauges of one that did not answer keep their value.
 /// A pool whose connections were all in use says nothing about the database: its `up`
 /// gauge keeps its value and `crm_analytics_pool_busy` says so instead.
 pub fn status_read(report: &crate::status::Report) {
@@ -129,7 +130,16 @@ pub fn status_read(report: &crate::status::Report) {
         gauge!("crm_analytics_outbox_lag").set(lag.events as f64);
     }
     if let Ok(status) = &report.analytics {
-        gauge!("crm_analytics_queue_depth").set(status.queue_depth as f64);
         gauge!("crm_analytics_failed_events").set(status.failed_events as f64);
+    }
+    // The queue on its own: a broker that is down is not the analytics database. Its depth
+    // is SQS's estimate where the backend only estimates it (see status and health).
+    match &report.queue {
+        Ok(depth) => {
+            gauge!("crm_analytics_queue_up").set(1.0);
+            gauge!("crm_analytics_queue_depth").set(depth.events as f64);
+        }
+        Err(Unread::Unreachable(_)) => gauge!("crm_analytics_queue_up").set(0.0),
+        Err(Unread::Busy(_)) => {}
     }
 }

@@ -50,7 +50,7 @@ impl TestDb {
     pub async fn migrated() -> (Self, PgPool) {
         let db = Self::create().await;
         let pool = db.pool(10).await;
-        crm_analytics::cli::migrate_all(&pool, &pool, "public", true)
+        crm_analytics::migrate::all(&pool, &pool, "public", true)
             .await
             .expect("migrate");
         (db, pool)
@@ -180,7 +180,7 @@ pub async fn drain(pool: &PgPool, timeout: Duration) {
 
 /// Every aggregate equals a full SQL recomputation over the CRM tables, row for row.
 pub async fn assert_exact(pool: &PgPool) {
-    let found = crm_analytics::cli::verify(pool, pool, "public", 10)
+    let found = crm_analytics::aggregates::verify::verify(pool, pool, "public", 10)
         .await
         .expect("verify");
     assert!(

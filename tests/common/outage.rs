@@ -39,7 +39,14 @@ impl PrivateNats {
 
     fn spawn(&mut self, binary: &std::path::Path) {
         let child = std::process::Command::new(binary)
-            .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
+            .args([
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-js",
+                "-sd",
+            ])
             .arg(&self.store)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
@@ -178,5 +185,8 @@ fn wait_listening(port: u16, listening: bool) {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    panic!("port {port} did not become {}", if listening { "open" } else { "closed" });
+    panic!(
+        "port {port} did not become {}",
+        if listening { "open" } else { "closed" }
+    );
 }

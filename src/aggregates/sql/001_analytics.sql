@@ -1,5 +1,7 @@
 -- Analytics, version 1: the aggregate tables (schema analytics, for BI tools) and the
--- pipeline's own bookkeeping (schema crm_analytics, private).
+-- pipeline's own bookkeeping (schema crm_analytics, private). The embedded queue's table
+-- is the queue backend's own migration (src/queue/postgres/sql); installations migrated
+-- before that got it from this file, which does not run again once applied.
 CREATE SCHEMA IF NOT EXISTS analytics;
 CREATE SCHEMA IF NOT EXISTS crm_analytics;
 REVOKE ALL ON SCHEMA crm_analytics FROM PUBLIC;
@@ -64,22 +66,6 @@ CREATE TABLE crm_analytics.failed_events (
     error_message text NOT NULL,
     retry_count integer NOT NULL,
     failed_at timestamptz NOT NULL DEFAULT now()
-);
-
--- The embedded queue (queue backend "postgres").
-CREATE TABLE crm_analytics.queue (
-    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    event_id uuid NOT NULL,
-    body text NOT NULL,
-    attempts integer NOT NULL DEFAULT 0,
-    available_at timestamptz NOT NULL DEFAULT now(),
-    last_error text
-);
-ALTER TABLE crm_analytics.queue SET (
-    autovacuum_vacuum_scale_factor = 0.0,
-    autovacuum_vacuum_threshold = 5000,
-    autovacuum_vacuum_insert_scale_factor = 0.0,
-    autovacuum_vacuum_insert_threshold = 50000
 );
 
 -- The CRM snapshot the aggregates were last rebuilt from: events it already saw are skipped.

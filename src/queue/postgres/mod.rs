@@ -1,18 +1,50 @@
-//! The embedded queue backend: a table in the analytics database, nothing to install.
+//! The embedded queue backend: a table in the analytics database, nothing else to install.
+//!
+//! Owns its table `crm_analytics.queue`: the migrations that create it (component
+//! [`COMPONENT`], applied by `crm-analytics migrate`), its upkeep (a vacuum loop the
+//! workers run through [`Queue::maintenance`]) and every statement that reads or writes it.
 //!
 //! Receiving locks rows with `FOR UPDATE SKIP LOCKED` inside a transaction held by the
 //! batch: concurrent workers never see the same row, and a worker that dies releases its
 //! rows by rolling back. Settling deletes what is done and reschedules what is retried.
 
 use async_trait::async_trait;
+use futures::future::BoxFuture;
 use sqlx::{PgPool, Postgres, Transaction};
 use std::time::Duration;
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::{Delivery, Depth, Message, Queue, QueueError, ReceivedBatch, Settlement};
 use crate::listen::ChannelWatcher;
+use crate::migrate::{MigrateError, Migration};
 
 pub const QUEUE_CHANNEL: &str = "crm_analytics_queue";
+
+/// The table, for the vacuum loop.
+const TABLE: &str = "crm_analytics.queue";
+
+/// The embedded queue's migrations, bookkept under their own component.
+pub const COMPONENT: &str = "postgres_queue";
+
+/// Migrations of the embedded queue, in the analytics database (component [`COMPONENT`]).
+pub const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    description: "the embedded queue's table",
+    sql: include_str!("sql/001_queue.sql"),
+}];
+
+/// Creates or upgrades the queue's table in the analytics database.
+pub async fn migrate(analytics: &PgPool) -> Result<Vec<i32>, MigrateError> {
+    crate::migrate::apply(analytics, COMPONENT, MIGRATIONS).await
+}
+
+/// Fails saying to run `migrate` unless the queue's table is installed and current.
+/// `setting` names where the analytics database's URL came from.
+pub async fn require(analytics: &PgPool, setting: &'static str) -> Result<(), MigrateError> {
+    let what = "the embedded queue (CRM_ANALYTICS_QUEUE=postgres)";
+    crate::migrate::require(analytics, COMPONENT, MIGRATIONS, what, setting).await
+}
 
 pub struct PostgresQueue {
     pool: PgPool,
@@ -89,6 +121,26 @@ impl Queue for PostgresQueue {
 
     fn backend(&self) -> &'static str {
         "postgres"
+    }
+
+    fn shared_pool(&self) -> Option<&PgPool> {
+        Some(&self.pool)
+    }
+
+    fn maintenance(
+        &self,
+        interval: Duration,
+        shutdown: CancellationToken,
+    ) -> Option<BoxFuture<'static, ()>> {
+        // Every event leaves a dead row behind: vacuuming often keeps claims from scanning
+        // through them between autovacuum runs.
+        let pool = self.pool.clone();
+        Some(Box::pin(crate::maintenance::vacuum_loop(
+            pool,
+            &[TABLE],
+            interval,
+            shutdown,
+        )))
     }
 
     async fn receive(

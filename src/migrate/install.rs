@@ -1,0 +1,75 @@
+//! Installing: what `crm-analytics migrate` puts in each database (capture in the CRM
+//! database; the analytics schema and the queue backends' tables in the analytics
+//! database), and the check every other command makes first that it is all there.
+
+use sqlx::PgPool;
+
+use super::MigrateError;
+use crate::capture::{CaptureColumns, CaptureError};
+use crate::config::DatabaseArgs;
+
+/// Why installing failed.
+#[derive(Debug, thiserror::Error)]
+pub enum InstallError {
+    #[error(transparent)]
+    Capture(#[from] CaptureError),
+    #[error(transparent)]
+    Migrate(#[from] MigrateError),
+}
+
+/// `migrate`: the CRM side (optionally creating the reference schema), then analytics and
+/// the queue, keeping the row images capture writes as they are attached.
+pub async fn all(
+    crm: &PgPool,
+    analytics: &PgPool,
+    crm_schema: &str,
+    create_crm_schema: bool,
+) -> Result<(), InstallError> {
+    all_with(crm, analytics, crm_schema, create_crm_schema, None).await
+}
+
+/// [`all`], choosing what row images carry (`None`: keep what is attached).
+pub async fn all_with(
+    crm: &PgPool,
+    analytics: &PgPool,
+    crm_schema: &str,
+    create_crm_schema: bool,
+    capture_columns: Option<CaptureColumns>,
+) -> Result<(), InstallError> {
+    if create_crm_schema {
+        crate::capture::create_reference_schema(crm, crm_schema).await?;
+    }
+    // Before anything changes: the aggregates' NULL-tolerant keys need PostgreSQL 15.
+    super::require_server_version(analytics, 150_000, "the analytics schema").await?;
+    let triggers = crate::capture::attach_with(crm, crm_schema, capture_columns).await?;
+    let applied = super::apply(analytics, "analytics", crate::aggregates::MIGRATIONS).await?;
+    let queue = crate::queue::migrate(analytics).await?;
+    tracing::info!(
+        triggers_created = triggers,
+        analytics_migrations = ?applied,
+        queue_migrations = ?queue,
+        "migrated"
+    );
+    Ok(())
+}
+
+/// Stops a command that needs our schemas with "run `crm-analytics migrate`" when they are
+/// missing or older than this release, before it touches a table that is not there. Each
+/// database is checked when given; the queue's tables when the queue backend needs them.
+pub async fn require_installed(
+    db: &DatabaseArgs,
+    crm: Option<&PgPool>,
+    analytics: Option<&PgPool>,
+) -> Result<(), MigrateError> {
+    if let Some(crm) = crm {
+        let capture = crate::capture::MIGRATIONS;
+        super::require(crm, "capture", capture, "capture", db.crm_setting()).await?;
+    }
+    if let Some(analytics) = analytics {
+        let schema = crate::aggregates::MIGRATIONS;
+        let (what, setting) = ("the analytics schema", db.analytics_setting());
+        super::require(analytics, "analytics", schema, what, setting).await?;
+        crate::queue::require_installed(&db.queue.spec, analytics, setting).await?;
+    }
+    Ok(())
+}
