@@ -47,13 +47,27 @@ impl Fresh {
             .expect("connect to NATS");
         async_nats::jetstream::new(client)
     }
+}
 
-    async fn delete(self) {
-        let _ = self
-            .jetstream()
-            .await
-            .delete_stream(&self.spec.stream)
-            .await;
+impl Drop for Fresh {
+    /// Deletes the stream (and its consumer), also after a failed assertion: on a thread and
+    /// runtime of its own, as the test's runtime may be gone or busy panicking.
+    fn drop(&mut self) {
+        let (url, stream) = (self.url.clone(), self.spec.stream.clone());
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime");
+            runtime.block_on(async {
+                if let Ok(client) = async_nats::connect(url.as_str()).await {
+                    let _ = async_nats::jetstream::new(client)
+                        .delete_stream(&stream)
+                        .await;
+                }
+            });
+        })
+        .join();
     }
 }
 
@@ -174,7 +188,6 @@ async fn messages_round_trip_with_their_headers_and_wake_a_waiting_receiver_at_o
         "a receive returns as soon as a message is there, not after its wait: {latencies:?}"
     );
     assert!(median < Duration::from_millis(100), "{latencies:?}");
-    fresh.delete().await;
 }
 
 #[tokio::test]
@@ -208,7 +221,6 @@ async fn an_event_published_twice_within_the_window_is_stored_once() {
         })
         .await
         .expect("ack");
-    fresh.delete().await;
 }
 
 #[tokio::test]
@@ -263,7 +275,6 @@ async fn a_retried_message_waits_out_its_delay_and_comes_back_as_attempt_two() {
         .await
         .expect("ack");
     assert_eq!(depth(&queue).await, 0);
-    fresh.delete().await;
 }
 
 #[tokio::test]
@@ -332,7 +343,6 @@ async fn a_batch_held_past_its_lease_stays_leased_and_comes_back_when_dropped() 
         })
         .await
         .expect("ack");
-    fresh.delete().await;
 }
 
 #[tokio::test]
@@ -366,7 +376,6 @@ async fn depth_counts_waiting_and_leased_events_and_fullness_follows_it() {
     assert_eq!(depth(&queue).await, 2);
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!queue.is_full().await.expect("is_full"), "2 of 4");
-    fresh.delete().await;
 }
 
 #[tokio::test]
@@ -402,7 +411,6 @@ async fn opening_says_what_is_wrong_with_the_server_or_the_stream() {
         matches!(error, QueueError::Setting(_)) && text.contains("WorkQueue"),
         "{text}"
     );
-    fresh.delete().await;
 }
 
 #[tokio::test]
@@ -429,7 +437,6 @@ async fn the_consumer_follows_a_changed_lease() {
         stream_info.config.retention,
         async_nats::jetstream::stream::RetentionPolicy::WorkQueue
     );
-    fresh.delete().await;
 }
 
 #[tokio::test]
@@ -478,5 +485,4 @@ async fn the_pipeline_over_nats_is_exact() {
     common::assert_exact(&pool).await;
     common::assert_counts_match_outbox(&pool).await;
     db.finish(pool).await;
-    fresh.delete().await;
 }

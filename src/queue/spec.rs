@@ -41,6 +41,43 @@ impl FromStr for QueueSpec {
     }
 }
 
+/// clap's parser for `--queue`: as [`QueueSpec::from_str`], except that an error about a URL
+/// with credentials does not repeat the URL (clap's own message would print the password).
+#[derive(Clone)]
+pub struct QueueSpecParser;
+
+impl clap::builder::TypedValueParser for QueueSpecParser {
+    type Value = QueueSpec;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<QueueSpec, clap::Error> {
+        let text = value.to_str().ok_or_else(|| {
+            clap::Error::raw(
+                clap::error::ErrorKind::InvalidUtf8,
+                "CRM_ANALYTICS_QUEUE is not UTF-8\n",
+            )
+            .with_cmd(cmd)
+        })?;
+        text.parse().map_err(|message: String| {
+            let shown = if text.contains('@') {
+                "(not shown: it may hold a password)".to_string()
+            } else {
+                format!("'{text}'")
+            };
+            let arg = arg.map_or("--queue".to_string(), |arg| arg.to_string());
+            clap::Error::raw(
+                clap::error::ErrorKind::ValueValidation,
+                format!("invalid value {shown} for '{arg}': {message}\n"),
+            )
+            .with_cmd(cmd)
+        })
+    }
+}
+
 impl fmt::Display for QueueSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -59,17 +96,18 @@ pub struct QueueArgs {
     /// CRM_ANALYTICS by default, created when missing; tls:// for TLS, USER:PASSWORD@ or
     /// TOKEN@ before the host for credentials).
     #[arg(long = "queue", env = "CRM_ANALYTICS_QUEUE", default_value = "postgres",
-          global = true, hide_env_values = true, value_parser = QueueSpec::from_str)]
+          global = true, hide_env_values = true, value_parser = QueueSpecParser)]
     pub spec: QueueSpec,
 
     /// The durable JetStream consumer the workers share, created when missing (NATS only).
-    #[arg(long, env = "CRM_ANALYTICS_NATS_CONSUMER", default_value = super::nats::DEFAULT_CONSUMER,
+    #[arg(long, env = "CRM_ANALYTICS_NATS_CONSUMER", value_name = "NAME",
+          default_value = super::nats::DEFAULT_CONSUMER,
           global = true, value_parser = super::nats::parse_consumer)]
     pub nats_consumer: String,
 
     /// The subject events are published on and the consumer filters (NATS only; default:
     /// STREAM.events, so that two streams on one server never share a subject).
-    #[arg(long, env = "CRM_ANALYTICS_NATS_SUBJECT", global = true,
+    #[arg(long, env = "CRM_ANALYTICS_NATS_SUBJECT", value_name = "SUBJECT", global = true,
           value_parser = super::nats::parse_subject)]
     pub nats_subject: Option<String>,
 
@@ -138,5 +176,38 @@ mod tests {
         assert!(!format!("{spec:?}").contains("pw"));
         let error = "kafka://u:pw@h".parse::<QueueSpec>().expect_err("unknown");
         assert!(!error.contains("pw"), "{error}");
+    }
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        queue: QueueArgs,
+    }
+
+    #[test]
+    fn a_bad_queue_url_with_a_password_is_not_echoed() {
+        use clap::Parser;
+        let error = Cli::try_parse_from(["x", "--queue", "nats://u:s3cret@h:x/S"])
+            .err()
+            .expect("a bad port")
+            .to_string();
+        assert!(!error.contains("s3cret"), "{error}");
+        assert!(
+            error.contains("--queue") && error.contains("port"),
+            "{error}"
+        );
+        let error = Cli::try_parse_from(["x", "--queue", "nats://h/A.B"])
+            .err()
+            .expect("a bad stream")
+            .to_string();
+        assert!(error.contains("'nats://h/A.B'"), "{error}");
+        let cli = Cli::try_parse_from(["x", "--queue", "nats://h/S", "--nats-consumer", "w1"])
+            .expect("parses");
+        let options = cli.queue.options(7);
+        assert_eq!(
+            (options.capacity, options.nats.consumer.as_str()),
+            (7, "w1")
+        );
+        assert_eq!(cli.queue.spec.to_string(), "nats://h:4222/S");
     }
 }

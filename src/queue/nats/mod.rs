@@ -126,7 +126,8 @@ async fn connect(spec: &NatsSpec) -> Result<Client, QueueError> {
         .connection_timeout(CONNECT_TIMEOUT)
         .event_callback(|event| async move {
             match event {
-                Event::Connected => tracing::info!("connected to NATS"),
+                // async-nats logs connecting itself; a lost connection is worth a warning.
+                Event::Connected => tracing::debug!("connected to NATS"),
                 Event::Disconnected => tracing::warn!("disconnected from NATS; reconnecting"),
                 other => tracing::warn!(event = %other, "NATS connection"),
             }
