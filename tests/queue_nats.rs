@@ -411,6 +411,17 @@ async fn opening_says_what_is_wrong_with_the_server_or_the_stream() {
         matches!(error, QueueError::Setting(_)) && text.contains("WorkQueue"),
         "{text}"
     );
+
+    // Another stream whose subject is already taken: the setting to change is named.
+    let Some(mut second) = Fresh::new(Duration::from_secs(30)) else {
+        return;
+    };
+    second.options.nats.subject = Some(format!("{}.events", fresh.spec.stream));
+    let error = NatsQueue::open(&second.spec, &second.options)
+        .await
+        .expect_err("the subject belongs to the first stream");
+    let text = error.to_string();
+    assert!(text.contains("CRM_ANALYTICS_NATS_SUBJECT"), "{text}");
 }
 
 #[tokio::test]

@@ -39,7 +39,7 @@ pub async fn stream(
         description: Some("crm-analytics events from the relay to the workers".into()),
         ..Default::default()
     };
-    let mut found = match context.get_or_create_stream(wanted.clone()).await {
+    let found = match context.get_or_create_stream(wanted.clone()).await {
         Ok(found) => found,
         // Another process may have created it between our look and our create.
         Err(first) => context
@@ -47,12 +47,7 @@ pub async fn stream(
             .await
             .map_err(|_| stream_error(name, subject, &first))?,
     };
-    let have = found
-        .info()
-        .await
-        .map_err(|error| broker("stream info", &error, true))?
-        .config
-        .clone();
+    let have = found.cached_info().config.clone();
     let mut problems = Vec::new();
     if have.retention != RetentionPolicy::WorkQueue {
         problems.push(format!(
