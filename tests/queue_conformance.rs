@@ -16,6 +16,7 @@ const LEASE: Duration = Duration::from_secs(2);
 #[derive(Debug, Clone, Copy)]
 enum Backend {
     Postgres,
+    Nats,
 }
 
 /// A fresh, empty queue of `backend` and what keeps it alive (its database), or None when
@@ -25,12 +26,14 @@ struct Harness {
     /// A second handle on the same queue, as another process would open it.
     other: Arc<dyn Queue>,
     _db: Option<common::TestDb>,
+    _stream: Option<common::brokers::FreshNats>,
 }
 
 async fn open(backend: Backend, capacity: u64) -> Option<Harness> {
     let options = QueueOptions {
         capacity,
         lease: LEASE,
+        ..QueueOptions::default()
     };
     match backend {
         Backend::Postgres => {
@@ -46,6 +49,19 @@ async fn open(backend: Backend, capacity: u64) -> Option<Harness> {
                 queue,
                 other,
                 _db: Some(db),
+                _stream: None,
+            })
+        }
+        Backend::Nats => {
+            let mut fresh = common::brokers::FreshNats::new(LEASE)?;
+            fresh.options.capacity = capacity;
+            let queue: Arc<dyn Queue> = Arc::new(fresh.open().await);
+            let other: Arc<dyn Queue> = Arc::new(fresh.open().await);
+            Some(Harness {
+                queue,
+                other,
+                _db: None,
+                _stream: Some(fresh),
             })
         }
     }
@@ -401,4 +417,5 @@ macro_rules! conformance {
 
 conformance! {
     postgres => Backend::Postgres,
+    nats => Backend::Nats,
 }

@@ -6,6 +6,7 @@
 //! effect exactly once. Every backend is bounded, so a slow consumer slows the relay down
 //! instead of filling memory.
 
+pub mod nats;
 pub mod postgres;
 mod spec;
 
@@ -162,6 +163,8 @@ pub struct QueueOptions {
     /// How long a received batch stays leased before it is delivered again, unless the
     /// worker keeps it alive (brokers extend it while a batch is being applied).
     pub lease: Duration,
+    /// The NATS consumer and subject (CRM_ANALYTICS_NATS_CONSUMER, _SUBJECT).
+    pub nats: nats::NatsOptions,
 }
 
 impl Default for QueueOptions {
@@ -169,6 +172,7 @@ impl Default for QueueOptions {
         Self {
             capacity: u64::MAX,
             lease: Duration::from_secs(30),
+            nats: nats::NatsOptions::default(),
         }
     }
 }
@@ -213,7 +217,8 @@ pub async fn require_installed(
     Ok(())
 }
 
-/// Opens the queue `spec` names. The PostgreSQL queue lives in the analytics database.
+/// Opens the queue `spec` names. The PostgreSQL queue lives in the analytics database; a
+/// broker's stream or queue is created when missing.
 pub async fn open(
     spec: &QueueSpec,
     analytics: &PgPool,
@@ -223,5 +228,6 @@ pub async fn open(
         QueueSpec::Postgres => Ok(Arc::new(
             postgres::PostgresQueue::connect(analytics.clone(), options.capacity).await?,
         )),
+        QueueSpec::Nats(spec) => Ok(Arc::new(nats::NatsQueue::open(spec, options).await?)),
     }
 }

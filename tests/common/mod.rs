@@ -2,6 +2,7 @@
 //! reference CRM schema with capture attached, an in-process pipeline, and drain/verify.
 #![allow(dead_code)]
 
+pub mod brokers;
 pub mod outage;
 
 use crm_analytics::config::PipelineArgs;
