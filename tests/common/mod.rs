@@ -160,8 +160,13 @@ pub async fn open_queue(analytics: &PgPool, capacity: u64) -> Arc<dyn Queue> {
 
 /// Waits until the outbox and the queue are both empty.
 pub async fn drain(pool: &PgPool, timeout: Duration) {
-    let deadline = Instant::now() + timeout;
     let queue = open_queue(pool, u64::MAX).await;
+    drain_through(pool, &*queue, timeout).await
+}
+
+/// Waits until the outbox and `queue` (any backend) are both empty.
+pub async fn drain_through(pool: &PgPool, queue: &dyn Queue, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
     loop {
         let outbox: i64 = sqlx::query_scalar("SELECT count(*) FROM crm_analytics.event_outbox")
             .fetch_one(pool)
