@@ -187,14 +187,6 @@ impl Deltas {
         }
     }
 
-    /// Whether no aggregate row would change.
-    pub fn is_empty(&self) -> bool {
-        self.daily.is_empty()
-            && self.funnel.is_empty()
-            && self.revenue.is_empty()
-            && self.counts.is_empty()
-    }
-
     /// Drops entries whose every field nets to zero: they would change nothing.
     pub fn prune_zeros(&mut self) {
         self.daily.retain(|_, d| *d != DailyDelta::default());

@@ -33,9 +33,4 @@ pub const MIGRATIONS: &[Migration] = &[
         description: "NULL keys: rows whose grouping column is NULL count under a NULL key",
         sql: include_str!("sql/004_null_keys.sql"),
     },
-    Migration {
-        version: 5,
-        description: "workers send their change notification after the commit",
-        sql: include_str!("sql/005_notify_after_commit.sql"),
-    },
 ];

@@ -144,8 +144,7 @@ impl Applier {
     /// Applies `events` in one transaction. Statements, in order, and the rows they lock:
     ///
     /// 1. `pg_advisory_xact_lock_shared(BACKFILL_LOCK)`: shared with every other batch,
-    ///    it only keeps a rebuild out; and the setting that defers the aggregate triggers'
-    ///    change notification to after the commit.
+    ///    it only keeps a rebuild out.
     /// 2. the watermark: read, no lock.
     /// 3. the idempotency ledger: inserts this batch's event ids, sorted (two batches
     ///    holding the same redelivered events wait on each other in one order, never in a
@@ -158,20 +157,14 @@ impl Applier {
     ///    (today's counts, this minute's buckets), locked last so that they are held only
     ///    for the last statements and the commit. The fixed table order and the sorted
     ///    keys make every batch lock in one global order: no deadlock.
-    /// 6. commit; then the change notification, outside the transaction.
+    /// 6. commit.
     pub async fn apply(&self, events: &[&Prepared]) -> Result<Applied, ApplyError> {
         let mut tx = self.pool.begin().await?;
-        // The backfill lock: shared with other workers, exclusive for backfill, so a
-        // rebuild never interleaves. And no change notification from the aggregate
-        // triggers in this transaction: it is sent after the commit (see
-        // `notify_changed`).
-        sqlx::query(
-            "SELECT pg_advisory_xact_lock_shared($1),
-                    set_config('crm_analytics.notify_after_commit', 'on', true)",
-        )
-        .bind(BACKFILL_LOCK)
-        .execute(&mut *tx)
-        .await?;
+        // Shared with other workers, exclusive for backfill: a rebuild never interleaves.
+        sqlx::query("SELECT pg_advisory_xact_lock_shared($1)")
+            .bind(BACKFILL_LOCK)
+            .execute(&mut *tx)
+            .await?;
         let watermark: Option<String> =
             sqlx::query_scalar("SELECT snapshot FROM crm_analytics.snapshot_watermark")
                 .fetch_optional(&mut *tx)
@@ -252,9 +245,6 @@ impl Applier {
             .await?;
         }
         tx.commit().await?;
-        if !deltas.is_empty() {
-            self.notify_changed().await;
-        }
         for (table, operation, age) in ages {
             telemetry::event_applied(table, operation, age);
         }
@@ -263,25 +253,6 @@ impl Applier {
             fresh: seen.len(),
             duplicates: events.len() - seen.len(),
         })
-    }
-
-    /// Tells API servers that aggregates changed, after the commit that changed them.
-    ///
-    /// Inside the transaction the notification would take PostgreSQL's cluster-wide
-    /// notification lock at commit and hold it through the commit's disk flush: every
-    /// batch would wait for the flush of the batch before it. Sent here, in a statement
-    /// that writes nothing to the log, it holds that lock for no flush. A notification
-    /// lost here (the connection broke) leaves cached responses stale until their
-    /// time-to-live passes, as a broken listening connection does; the batch itself is
-    /// committed and stays so.
-    async fn notify_changed(&self) {
-        if let Err(error) = sqlx::query("SELECT pg_notify($1, '')")
-            .bind(crate::api::cache::CHANNEL)
-            .execute(&self.pool)
-            .await
-        {
-            tracing::warn!(%error, "could not notify API servers of changed aggregates; cached responses may be stale until their time-to-live passes");
-        }
     }
 }
 
