@@ -188,7 +188,7 @@ async fn runs(
 async fn template(server: &str, events: i64) -> anyhow::Result<(BenchDb, i64)> {
     let db = BenchDb::create(server, "scaleout_backlog").await?;
     let pool = db.pool(WRITERS as u32 + 1).await?;
-    crate::cli::migrate_all(&pool, &pool, "public", true).await?;
+    crate::migrate::all(&pool, &pool, "public", true).await?;
     let stop = CancellationToken::new();
     let load = {
         let (pool, stop) = (pool.clone(), stop.clone());
@@ -348,7 +348,7 @@ async fn drain(
         let _ = child.start_kill();
         let _ = child.wait().await;
     }
-    let found = crate::cli::verify(&pool, &pool, "public", 3).await?;
+    let found = crate::aggregates::verify::verify(&pool, &pool, "public", 3).await?;
     anyhow::ensure!(
         found.differences == 0,
         "after the drain with {processes} worker process(es), {} aggregate rows differ from \
