@@ -8,6 +8,7 @@
 
 pub mod postgres;
 mod spec;
+pub mod sqs;
 
 use async_trait::async_trait;
 use sqlx::PgPool;
@@ -16,7 +17,7 @@ use std::time::Duration;
 use uuid::Uuid;
 
 use crate::event::Envelope;
-pub use spec::{QueueArgs, QueueSpec};
+pub use spec::{QueueArgs, QueueSpec, SqsTarget};
 
 /// What went wrong talking to a queue: which backend and operation, and whether trying
 /// again later may succeed (a broker that is down) or not (a queue that does not exist).
@@ -142,6 +143,8 @@ pub struct QueueOptions {
     /// How long a received batch stays leased before it is delivered again, unless the
     /// worker keeps it alive (brokers extend it while a batch is being applied).
     pub lease: Duration,
+    /// How to reach SQS beyond the standard AWS chain (the SQS backend only).
+    pub sqs: sqs::SqsSettings,
 }
 
 impl Default for QueueOptions {
@@ -149,11 +152,13 @@ impl Default for QueueOptions {
         Self {
             capacity: u64::MAX,
             lease: Duration::from_secs(30),
+            sqs: sqs::SqsSettings::default(),
         }
     }
 }
 
-/// Opens the queue `spec` names. The PostgreSQL queue lives in the analytics database.
+/// Opens the queue `spec` names. The PostgreSQL queue lives in the analytics database; an
+/// SQS queue is looked up (and created when missing) by name, or taken by URL.
 pub async fn open(
     spec: &QueueSpec,
     analytics: &PgPool,
@@ -163,5 +168,6 @@ pub async fn open(
         QueueSpec::Postgres => Ok(Arc::new(
             postgres::PostgresQueue::connect(analytics.clone(), options.capacity).await?,
         )),
+        QueueSpec::Sqs(target) => Ok(Arc::new(sqs::SqsQueue::open(target, options).await?)),
     }
 }
