@@ -22,7 +22,9 @@ const RETRYABLE_CODES: &[&str] = &[
 
 /// Whether an error code returned for one entry of a batch call, or a whole call, is worth
 /// retrying.
+/// SQS answers in its older (query) dialect too, where codes carry a prefix.
 pub(super) fn retryable_code(code: &str) -> bool {
+    let code = code.strip_prefix("AWS.SimpleQueueService.").unwrap_or(code);
     RETRYABLE_CODES.contains(&code)
 }
 
@@ -45,10 +47,21 @@ where
         }
         _ => true,
     };
+    // What SQS said, short; anything else (a refused connection, a time-out) with its chain
+    // of causes.
+    let message = match &error {
+        SdkError::ServiceError(service) => format!(
+            "{}: {} (HTTP {})",
+            error.code().unwrap_or("unknown error"),
+            error.message().unwrap_or_default(),
+            service.raw().status().as_u16()
+        ),
+        _ => DisplayErrorContext(&error).to_string(),
+    };
     QueueError::Broker {
         backend: "sqs",
         operation,
-        message: DisplayErrorContext(&error).to_string(),
+        message,
         retryable,
     }
 }
@@ -60,5 +73,19 @@ pub(super) fn other(operation: &'static str, message: String, retryable: bool) -
         operation,
         message,
         retryable,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn throttling_and_server_trouble_are_retryable_in_either_dialect() {
+        assert!(retryable_code("RequestThrottled"));
+        assert!(retryable_code("AWS.SimpleQueueService.RequestThrottled"));
+        assert!(retryable_code("InternalError"));
+        assert!(!retryable_code("AccessDenied"));
+        assert!(!retryable_code("AWS.SimpleQueueService.NonExistentQueue"));
     }
 }

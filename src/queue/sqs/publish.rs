@@ -104,7 +104,8 @@ pub(super) fn split(sizes: &[usize]) -> Vec<Range<usize>> {
     batches
 }
 
-/// Publishes every message, at most [`PARALLEL_CALLS`] batch calls at a time; the first
+/// Publishes every message, at most [`PARALLEL_CALLS`] batch calls at a time (one for a
+/// FIFO queue, whose order is the order of the calls); the first
 /// failure ends the publish (some messages may be on the queue: at least once).
 pub(super) async fn publish(shared: &Shared, messages: &[Message]) -> Result<(), QueueError> {
     let prepared = prepare(messages)?;
@@ -113,9 +114,11 @@ pub(super) async fn publish(shared: &Shared, messages: &[Message]) -> Result<(),
     // the SDK's own resends of a call but never a later, deliberate publish of the same
     // event (an operator's `failed retry`), which it would otherwise drop for 5 minutes.
     let publish_id = Uuid::new_v4();
+    // A FIFO queue keeps the order of arrival: its calls go one after the other.
+    let parallel = if shared.fifo { 1 } else { PARALLEL_CALLS };
     futures::stream::iter(split(&sizes))
         .map(|range| send(shared, &prepared[range], publish_id))
-        .buffer_unordered(PARALLEL_CALLS)
+        .buffer_unordered(parallel)
         .try_for_each(|()| async { Ok(()) })
         .await
 }
