@@ -166,6 +166,24 @@ async fn messages_round_trip_with_their_attributes_and_are_gone_once_done() {
         again.deliveries().is_empty(),
         "settled messages are deleted"
     );
+    drop(again);
+
+    // A batch dropped unsettled comes back at once, not when its 30 s lease runs out.
+    let dropped = message("leads.update", "{}".into());
+    queue
+        .publish_messages(std::slice::from_ref(&dropped))
+        .await
+        .unwrap();
+    drop(receive_at_least(&queue, 1, Duration::from_secs(10)).await);
+    let released = Instant::now();
+    let batches = receive_at_least(&queue, 1, Duration::from_secs(10)).await;
+    assert!(released.elapsed() < Duration::from_secs(10));
+    let delivery = &batches[0].deliveries()[0];
+    assert_eq!(
+        (delivery.event_id, delivery.attempt),
+        (Some(dropped.event_id), 2)
+    );
+    settle_all_done(batches).await;
 
     // One message at a time: how long from publish until a waiting receive returns it.
     let mut latencies = Vec::new();
