@@ -12,11 +12,13 @@ use uuid::Uuid;
 
 /// The lease the suite opens queues with: short, so that "a consumer died" is quick.
 const LEASE: Duration = Duration::from_secs(2);
+const SQS_LEASE: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone, Copy)]
 enum Backend {
     Postgres,
     Nats,
+    Sqs,
 }
 
 /// A fresh, empty queue of `backend` and what keeps it alive (its database), or None when
@@ -62,6 +64,20 @@ async fn open(backend: Backend, capacity: u64) -> Option<Harness> {
                 other,
                 _db: None,
                 _stream: Some(fresh),
+            })
+        }
+        Backend::Sqs => {
+            // A longer lease: the local SQS-compatible server answers a visibility change in
+            // up to a second under load, too slow to keep a 2 s lease alive reliably.
+            let mut fresh = common::brokers::FreshSqs::new(SQS_LEASE)?;
+            fresh.options.capacity = capacity;
+            let queue: Arc<dyn Queue> = Arc::new(fresh.open().await);
+            let other: Arc<dyn Queue> = Arc::new(fresh.open().await);
+            Some(Harness {
+                queue,
+                other,
+                _db: None,
+                _stream: None,
             })
         }
     }
@@ -163,8 +179,11 @@ async fn publish_receive_settle(h: Harness) {
     .await;
 }
 
-/// Concurrent consumers (two handles, several tasks) never hold the same message.
-async fn disjoint_leases(h: Harness) {
+/// Concurrent consumers (two handles, several tasks) never hold the same message, except
+/// where the backend documents rare duplicates (`doubles_allowed`: SQS standard queues
+/// deliver "at least once" and may hand one message to two consumers; the workers' ledger
+/// makes that harmless): then every message is still held and duplicates stay rare.
+async fn disjoint_leases(h: Harness, doubles_allowed: bool) {
     let sent = messages(200);
     h.queue.publish_messages(&sent).await.expect("publish");
     let mut tasks = tokio::task::JoinSet::new();
@@ -204,8 +223,12 @@ async fn disjoint_leases(h: Harness) {
         all.extend(held);
     }
     let doubled: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
-    assert!(doubled.is_empty(), "leased twice: {doubled:?}");
-    assert_eq!(seen.len(), 200, "every message leased once");
+    if doubles_allowed {
+        assert!(doubled.len() <= 10, "leased twice, too often: {doubled:?}");
+    } else {
+        assert!(doubled.is_empty(), "leased twice: {doubled:?}");
+    }
+    assert_eq!(seen.len(), 200, "every message leased");
     settle_all(all).await;
 }
 
@@ -218,7 +241,7 @@ async fn redelivery_after_a_consumer_dies(h: Harness) {
     let first: BTreeSet<_> = bodies(&held).into_iter().map(|d| d.1).collect();
     assert_eq!(first.len(), 3);
     drop(held);
-    let again = hold(&*h.other, 3, LEASE + Duration::from_secs(8)).await;
+    let again = hold(&*h.other, 3, SQS_LEASE + Duration::from_secs(8)).await;
     let second: BTreeSet<_> = bodies(&again).into_iter().map(|d| d.1).collect();
     assert_eq!(first, second, "the dropped batch came back whole");
     settle_all(again).await;
@@ -286,7 +309,7 @@ async fn partial_settlement(h: Harness) {
             .await
             .expect("settle part");
     }
-    let back = hold(&*h.other, left.len(), LEASE + Duration::from_secs(8)).await;
+    let back = hold(&*h.other, left.len(), SQS_LEASE + Duration::from_secs(8)).await;
     let returned: BTreeSet<_> = bodies(&back).into_iter().map(|d| d.1).collect();
     assert_eq!(returned, left, "exactly the unsettled deliveries came back");
     settle_all(back).await;
@@ -373,7 +396,7 @@ macro_rules! conformance {
             #[tokio::test]
             async fn disjoint_leases() {
                 if let Some(h) = harness(u64::MAX).await {
-                    super::disjoint_leases(h).await
+                    super::disjoint_leases(h, matches!($backend, Backend::Sqs)).await
                 }
             }
 
@@ -418,4 +441,5 @@ macro_rules! conformance {
 conformance! {
     postgres => Backend::Postgres,
     nats => Backend::Nats,
+    sqs => Backend::Sqs,
 }

@@ -9,6 +9,7 @@
 pub mod nats;
 pub mod postgres;
 mod spec;
+pub mod sqs;
 
 use async_trait::async_trait;
 use futures::future::BoxFuture;
@@ -20,7 +21,7 @@ use uuid::Uuid;
 
 use crate::event::Envelope;
 use crate::migrate::MigrateError;
-pub use spec::{QueueArgs, QueueSpec};
+pub use spec::{QueueArgs, QueueSpec, SqsTarget};
 
 /// What went wrong talking to a queue: which backend and operation, and whether trying
 /// again later may succeed (a broker that is down) or not (a queue that does not exist).
@@ -165,6 +166,8 @@ pub struct QueueOptions {
     pub lease: Duration,
     /// The NATS consumer and subject (CRM_ANALYTICS_NATS_CONSUMER, _SUBJECT).
     pub nats: nats::NatsOptions,
+    /// How to reach SQS beyond the standard AWS chain (the SQS backend only).
+    pub sqs: sqs::SqsSettings,
 }
 
 impl Default for QueueOptions {
@@ -173,6 +176,7 @@ impl Default for QueueOptions {
             capacity: u64::MAX,
             lease: Duration::from_secs(30),
             nats: nats::NatsOptions::default(),
+            sqs: sqs::SqsSettings::default(),
         }
     }
 }
@@ -229,5 +233,6 @@ pub async fn open(
             postgres::PostgresQueue::connect(analytics.clone(), options.capacity).await?,
         )),
         QueueSpec::Nats(spec) => Ok(Arc::new(nats::NatsQueue::open(spec, options).await?)),
+        QueueSpec::Sqs(target) => Ok(Arc::new(sqs::SqsQueue::open(target, options).await?)),
     }
 }

@@ -24,6 +24,7 @@ impl FreshNats {
                 consumer: format!("workers-{id}"),
                 subject: None,
             },
+            ..QueueOptions::default()
         };
         Some(Self { url, spec, options })
     }
@@ -77,6 +78,56 @@ impl FreshNats {
                 "CRM_ANALYTICS_NATS_CONSUMER",
                 self.options.nats.consumer.clone(),
             ),
+        ]
+    }
+}
+
+/// An SQS queue of a test's own on the local SQS-compatible server (created on open).
+pub struct FreshSqs {
+    pub endpoint: String,
+    pub target: crm_analytics::queue::SqsTarget,
+    pub options: QueueOptions,
+}
+
+impl FreshSqs {
+    pub fn new(lease: Duration) -> Option<Self> {
+        let endpoint = super::aws_endpoint()?;
+        let target = crm_analytics::queue::SqsTarget::Name(format!(
+            "crm-analytics-test-{}",
+            Uuid::new_v4().simple()
+        ));
+        let options = QueueOptions {
+            lease,
+            sqs: crm_analytics::queue::sqs::SqsSettings {
+                endpoint: Some(endpoint.clone()),
+                region: Some("us-east-1".to_string()),
+                credentials: Some(crm_analytics::queue::sqs::StaticCredentials::new(
+                    "test", "test",
+                )),
+            },
+            ..QueueOptions::default()
+        };
+        Some(Self {
+            endpoint,
+            target,
+            options,
+        })
+    }
+
+    pub async fn open(&self) -> crm_analytics::queue::sqs::SqsQueue {
+        crm_analytics::queue::sqs::SqsQueue::open(&self.target, &self.options)
+            .await
+            .expect("open the SQS queue")
+    }
+
+    /// The settings a `crm-analytics` process needs to use this queue.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("CRM_ANALYTICS_QUEUE", self.target.to_string()),
+            ("CRM_ANALYTICS_SQS_ENDPOINT", self.endpoint.clone()),
+            ("AWS_ACCESS_KEY_ID", "test".into()),
+            ("AWS_SECRET_ACCESS_KEY", "test".into()),
+            ("AWS_REGION", "us-east-1".into()),
         ]
     }
 }
