@@ -285,7 +285,7 @@ async fn relay_loop(
                 let wait =
                     crate::worker::backoff(Duration::from_millis(200), failures).min(PAUSE_CAP);
                 // An outage logs its first failure and then every tenth, not one per retry.
-                if failures == 1 || failures % 10 == 0 {
+                if failures == 1 || failures.is_multiple_of(10) {
                     tracing::warn!(%error, failed_attempts = failures, pause_ms = wait.as_millis() as u64, "relay failed; events stay in the outbox, will retry");
                 } else {
                     tracing::debug!(%error, failed_attempts = failures, pause_ms = wait.as_millis() as u64, "relay failed; will retry");

@@ -106,7 +106,7 @@ async fn work(
                 let pause = backoff(config.retry_backoff, failures).min(TRANSIENT_PAUSE_CAP);
                 // A long outage (a lock held for minutes) logs its first failure and then
                 // every tenth, not one warning per worker and attempt.
-                if failures == 1 || failures % 10 == 0 {
+                if failures == 1 || failures.is_multiple_of(10) {
                     tracing::warn!(worker, %error, failed_attempts = failures, pause_ms = pause.as_millis() as u64, "batch failed; will retry it whole");
                 } else {
                     tracing::debug!(worker, %error, failed_attempts = failures, pause_ms = pause.as_millis() as u64, "batch failed; will retry it whole");
