@@ -1,7 +1,8 @@
 //! Drain throughput: a backlog of mixed events drained through the default queue, all four
 //! aggregates and the archive by `crm-analytics run`, against a pure-SQL baseline (one
 //! set-based statement per batch that upserts only the funnel) on a copy of the same
-//! backlog; peak memory of the process; and scale-out over 1, 2 and 4 worker processes.
+//! backlog; and peak memory of the process. Scale-out over worker processes is section 7
+//! (scale_out.rs).
 
 use sqlx::{Connection, PgConnection, PgPool};
 use std::process::Stdio;
@@ -10,7 +11,7 @@ use tokio::process::{Child, Command};
 
 use super::{BenchDb, Report, Scale};
 
-const SECTION: &str = "2. Drain throughput, memory and scale-out";
+const SECTION: &str = "2. Drain throughput and memory";
 
 /// Builds a database with capture attached and a backlog of about `events` mixed events.
 async fn template(server: &str, events: i64) -> anyhow::Result<(BenchDb, i64)> {
@@ -49,7 +50,7 @@ async fn template(server: &str, events: i64) -> anyhow::Result<(BenchDb, i64)> {
 }
 
 /// A copy of the template (a file copy inside PostgreSQL, cheap).
-async fn copy(server: &str, template: &BenchDb, label: &str) -> anyhow::Result<BenchDb> {
+pub(super) async fn copy(server: &str, template: &BenchDb, label: &str) -> anyhow::Result<BenchDb> {
     let name = format!(
         "crm_analytics_bench_{label}_{}",
         &uuid::Uuid::new_v4().simple().to_string()[..8]
@@ -242,22 +243,6 @@ pub async fn run(server: &str, scale: Scale, report: &mut Report) -> anyhow::Res
         Some(("under 150 MB".into(), peak < 150.0)),
     );
 
-    let mut single = None;
-    for processes in [1usize, 2, 4] {
-        let db = copy(server, &template, "scale").await?;
-        let mut commands = vec!["relay"];
-        commands.extend(std::iter::repeat_n("worker", processes));
-        let (seconds, _) = drain_with(&db, &commands, timeout).await?;
-        db.drop_db().await?;
-        let rate = backlog as f64 / seconds;
-        let relative = single.get_or_insert(rate);
-        report.add(
-            SECTION,
-            format!("1 relay + {processes} worker process(es)"),
-            format!("{rate:.0} events/s ({:.2}x)", rate / *relative),
-            None,
-        );
-    }
     template.drop_db().await?;
     Ok(())
 }

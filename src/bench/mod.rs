@@ -13,6 +13,7 @@ mod materialized_views;
 mod memory;
 mod plot;
 mod report;
+mod scale_out;
 
 use clap::Args;
 use sqlx::{Connection, PgConnection, PgPool};
@@ -42,6 +43,7 @@ pub enum Measure {
     MaterializedViews,
     Api,
     Memory,
+    ScaleOut,
 }
 
 /// Sizes of one run.
@@ -57,6 +59,8 @@ pub struct Scale {
     pub mv_changes: u64,
     /// Length of the steady run that watches memory.
     pub steady_seconds: u64,
+    /// Workload events drained by 1, 2 and 4 worker processes.
+    pub scale_out_backlog: i64,
 }
 
 impl Scale {
@@ -70,6 +74,7 @@ impl Scale {
                 mv_sizes: &[10_000, 40_000],
                 mv_changes: 400,
                 steady_seconds: 20,
+                scale_out_backlog: 10_000,
             }
         } else {
             Self {
@@ -80,6 +85,7 @@ impl Scale {
                 mv_sizes: &[100_000, 1_000_000, 10_000_000],
                 mv_changes: 4_000,
                 steady_seconds: 600,
+                scale_out_backlog: 200_000,
             }
         }
     }
@@ -229,6 +235,9 @@ pub async fn run(database_url: Option<&str>, args: BenchArgs) -> anyhow::Result<
     }
     if wanted(Measure::Memory) {
         memory::run(&server, scale, &mut report).await?;
+    }
+    if wanted(Measure::ScaleOut) {
+        scale_out::run(&server, scale, &mut report).await?;
     }
     report.print();
     report.write(&args.output)?;

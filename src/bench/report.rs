@@ -120,11 +120,13 @@ impl Report {
         let _ = writeln!(
             md,
             "Sizes: backlog {} events, bulk statement {} rows, OLTP runs of {} s, freshness run of {} s, \
-             materialized views at {:?} CRM rows with {} CRM transactions each, steady run of {} s. \
+             materialized views at {:?} CRM rows with {} CRM transactions each, steady run of {} s, \
+             scale-out backlog {} events. \
              Every comparison ran side by side in this run; ratios matter more than absolute numbers, \
              which drift on a shared machine.\n",
             self.scale.backlog, self.scale.bulk_rows, self.scale.oltp_seconds, self.scale.freshness_seconds,
-            self.scale.mv_sizes, self.scale.mv_changes, self.scale.steady_seconds
+            self.scale.mv_sizes, self.scale.mv_changes, self.scale.steady_seconds,
+            self.scale.scale_out_backlog
         );
         let plot_dir = path.parent().unwrap_or(Path::new("")).join(PLOT_DIR);
         let mut sections: Vec<&'static str> = Vec::new();
