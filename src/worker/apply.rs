@@ -1,5 +1,6 @@
 //! Applying one batch of decoded events in one analytics transaction: idempotency record,
-//! aggregate deltas, event counts, latency histogram and archive, all or nothing.
+//! archive, aggregate deltas, event counts and latency histogram, all or nothing; the rows
+//! every batch shares are locked last (see [`Applier::apply`]).
 
 use chrono::Utc;
 use sqlx::PgPool;
@@ -140,6 +141,23 @@ pub fn latency_bucket_bounds(bucket: i32) -> (f64, f64) {
 }
 
 impl Applier {
+    /// Applies `events` in one transaction. Statements, in order, and the rows they lock:
+    ///
+    /// 1. `pg_advisory_xact_lock_shared(BACKFILL_LOCK)`: shared with every other batch,
+    ///    it only keeps a rebuild out.
+    /// 2. the watermark: read, no lock.
+    /// 3. the idempotency ledger: inserts this batch's event ids, sorted (two batches
+    ///    holding the same redelivered events wait on each other in one order, never in a
+    ///    cycle); rows no other batch touches unless it carries the same events.
+    /// 4. the archive write, before any shared row is locked: a slow write (an S3 round
+    ///    trip) delays this batch alone. At least once: a batch whose transaction fails
+    ///    after it is archived again on its retry; readers de-duplicate by event_id.
+    /// 5. the aggregates (daily, funnel, revenue), each table's keys sorted, then
+    ///    event_counts and the latency histogram: the rows every concurrent batch shares
+    ///    (today's counts, this minute's buckets), locked last so that they are held only
+    ///    for the last statements and the commit. The fixed table order and the sorted
+    ///    keys make every batch lock in one global order: no deadlock.
+    /// 6. commit.
     pub async fn apply(&self, events: &[&Prepared]) -> Result<Applied, ApplyError> {
         let mut tx = self.pool.begin().await?;
         // Shared with other workers, exclusive for backfill: a rebuild never interleaves.
@@ -153,7 +171,9 @@ impl Applier {
                 .await?;
         let watermark = watermark.as_deref().and_then(Snapshot::parse);
 
-        let ids: Vec<Uuid> = events.iter().map(|p| p.event.event_id).collect();
+        let mut ids: Vec<Uuid> = events.iter().map(|p| p.event.event_id).collect();
+        ids.sort_unstable();
+        ids.dedup();
         let fresh: HashSet<Uuid> = sqlx::query_scalar(
             "INSERT INTO crm_analytics.applied_events (event_id)
              SELECT unnest($1::uuid[])
@@ -166,12 +186,9 @@ impl Applier {
         .into_iter()
         .collect();
 
-        let now = Utc::now();
         let mut deltas = Deltas::default();
-        let mut latency: BTreeMap<i32, i64> = BTreeMap::new();
         let mut seen = HashSet::with_capacity(fresh.len());
-        let mut to_archive = Vec::with_capacity(fresh.len());
-        let mut ages = Vec::with_capacity(fresh.len());
+        let mut applied = Vec::with_capacity(fresh.len());
         for prepared in events {
             let event = &prepared.event;
             if !fresh.contains(&event.event_id) || !seen.insert(event.event_id) {
@@ -182,19 +199,38 @@ impl Applier {
             if !watermark.as_ref().is_some_and(|s| s.sees(event.xid)) {
                 deltas.add_event(event);
             }
+            applied.push(*prepared);
+        }
+        deltas.prune_zeros();
+
+        let archive_objects = match (&self.archive, applied.is_empty()) {
+            (Some(archive), false) => {
+                let to_archive: Vec<ArchivedEvent> = applied
+                    .iter()
+                    .map(|p| ArchivedEvent {
+                        event_id: p.event.event_id,
+                        date: p.event.date(),
+                        table: p.event.table,
+                        json: &p.json,
+                    })
+                    .collect();
+                archive.write(&to_archive).await?
+            }
+            _ => 0,
+        };
+
+        // Latency up to now, the archive write included: the commit follows at once.
+        let now = Utc::now();
+        let mut latency: BTreeMap<i32, i64> = BTreeMap::new();
+        let mut ages = Vec::with_capacity(applied.len());
+        for prepared in &applied {
+            let event = &prepared.event;
             let age = (now - event.created_at).to_std().unwrap_or_default();
             *latency
                 .entry(latency_bucket(age.as_secs_f64() * 1000.0))
                 .or_default() += 1;
             ages.push((event.table.name(), event.operation.name(), age));
-            to_archive.push(ArchivedEvent {
-                event_id: event.event_id,
-                date: event.date(),
-                table: event.table,
-                json: &prepared.json,
-            });
         }
-        deltas.prune_zeros();
         write_deltas(&mut tx, &deltas).await?;
         if !latency.is_empty() {
             let (buckets, counts): (Vec<i32>, Vec<i64>) = latency.into_iter().unzip();
@@ -208,10 +244,6 @@ impl Applier {
             .execute(&mut *tx)
             .await?;
         }
-        let archive_objects = match (&self.archive, to_archive.is_empty()) {
-            (Some(archive), false) => archive.write(&to_archive).await?,
-            _ => 0,
-        };
         tx.commit().await?;
         for (table, operation, age) in ages {
             telemetry::event_applied(table, operation, age);
