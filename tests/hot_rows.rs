@@ -125,9 +125,14 @@ async fn a_stalled_archive_write_holds_no_shared_row() {
     .unwrap();
     assert_eq!((processed, created, funnel, latency), (20, 20, 20, 20));
 
-    // The stalled batch never commits: nothing of it is applied.
+    // The stalled batch is given up: nothing of it was applied.
     stuck.abort();
     let _ = stuck.await;
+    let recorded: i64 = sqlx::query_scalar("SELECT count(*) FROM crm_analytics.applied_events")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(recorded, 20);
     drop(batch);
     db.finish(pool).await;
 }
