@@ -56,16 +56,7 @@ async fn poison_events_are_parked_then_replayed_once_fixed() {
 
     let running = common::start(&db, &args).await;
     let started = Instant::now();
-    sqlx::query(
-        "INSERT INTO crm_analytics.event_outbox (event_type, aggregate_id, payload)
-         VALUES ('leads.insert', $1, jsonb_build_object('new', jsonb_build_object(
-             'id', $1, 'account_id', null, 'source', 'web', 'status', 'new',
-             'converted_at', null, 'created_at', 'not a date')))",
-    )
-    .bind(lead)
-    .execute(&pool)
-    .await
-    .unwrap();
+    common::insert_poison_lead(&pool, lead).await;
     // Good events around the bad ones, some in the same transactions and batches.
     sqlx::raw_sql(
         "INSERT INTO accounts (name) SELECT 'Account ' || i FROM generate_series(1, 20) i;

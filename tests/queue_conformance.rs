@@ -119,19 +119,6 @@ fn bodies(batches: &[Box<dyn ReceivedBatch>]) -> Vec<(Option<Uuid>, String, u32)
         .collect()
 }
 
-async fn settle_all(batches: Vec<Box<dyn ReceivedBatch>>) {
-    for batch in batches {
-        let done = (0..batch.deliveries().len()).collect();
-        batch
-            .settle(Settlement {
-                done,
-                retry: Vec::new(),
-            })
-            .await
-            .expect("settle");
-    }
-}
-
 /// Nothing arrives within `wait` (one long poll).
 async fn assert_nothing(queue: &dyn Queue, wait: Duration, why: &str) {
     let batch = queue.receive(10, wait).await.expect("receive");
@@ -169,7 +156,7 @@ async fn publish_receive_settle(h: Harness) {
         .collect();
     want.sort_by(|a, b| a.1.cmp(&b.1));
     assert_eq!(got, want);
-    settle_all(held).await;
+    common::settle_all(held).await;
     eventually_depth(&*h.queue, 0, Duration::from_secs(10)).await;
     assert_nothing(
         &*h.queue,
@@ -229,7 +216,7 @@ async fn disjoint_leases(h: Harness, doubles_allowed: bool) {
         assert!(doubled.is_empty(), "leased twice: {doubled:?}");
     }
     assert_eq!(seen.len(), 200, "every message leased");
-    settle_all(all).await;
+    common::settle_all(all).await;
 }
 
 /// A consumer that dies without settling (its batch dropped) loses nothing: the same
@@ -244,7 +231,7 @@ async fn redelivery_after_a_consumer_dies(h: Harness) {
     let again = hold(&*h.other, 3, SQS_LEASE + Duration::from_secs(8)).await;
     let second: BTreeSet<_> = bodies(&again).into_iter().map(|d| d.1).collect();
     assert_eq!(first, second, "the dropped batch came back whole");
-    settle_all(again).await;
+    common::settle_all(again).await;
 }
 
 /// A retry comes back after its delay, not before, with the attempt counted.
@@ -280,7 +267,7 @@ async fn delayed_retry_counts_the_attempt(h: Harness) {
     );
     assert_eq!(got[0].1, sent[0].body);
     assert_eq!(got[0].2, 2, "the failed attempt is counted");
-    settle_all(back).await;
+    common::settle_all(back).await;
 }
 
 /// Settling part of a batch: the settled are gone, the rest come back.
@@ -312,7 +299,7 @@ async fn partial_settlement(h: Harness) {
     let back = hold(&*h.other, left.len(), SQS_LEASE + Duration::from_secs(8)).await;
     let returned: BTreeSet<_> = bodies(&back).into_iter().map(|d| d.1).collect();
     assert_eq!(returned, left, "exactly the unsettled deliveries came back");
-    settle_all(back).await;
+    common::settle_all(back).await;
     assert_nothing(
         &*h.queue,
         Duration::from_secs(1),
@@ -340,7 +327,7 @@ async fn backpressure(h: Harness) {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let held = hold(&*h.queue, 10, Duration::from_secs(10)).await;
-    settle_all(held).await;
+    common::settle_all(held).await;
     let deadline = Instant::now() + Duration::from_secs(10);
     while h.queue.is_full().await.expect("is_full") {
         assert!(Instant::now() < deadline, "drained: no longer full");
@@ -374,7 +361,7 @@ async fn wake_up_after_a_publish(h: Harness) {
         latency < Duration::from_millis(1000),
         "woke {latency:?} after the publish"
     );
-    settle_all(vec![batch]).await;
+    common::settle_all(vec![batch]).await;
 }
 
 macro_rules! conformance {

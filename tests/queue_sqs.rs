@@ -92,19 +92,6 @@ async fn receive_at_least(
     batches
 }
 
-async fn settle_all_done(batches: Vec<Box<dyn ReceivedBatch>>) {
-    for batch in batches {
-        let done = (0..batch.deliveries().len()).collect();
-        batch
-            .settle(Settlement {
-                done,
-                retry: Vec::new(),
-            })
-            .await
-            .expect("settle");
-    }
-}
-
 async fn wait_for_depth(queue: &dyn Queue, events: u64, timeout: Duration) {
     let deadline = Instant::now() + timeout;
     loop {
@@ -157,7 +144,7 @@ async fn messages_round_trip_with_their_attributes_and_are_gone_once_done() {
         }
     }
     assert_eq!(seen.len(), 3, "each message once");
-    settle_all_done(batches).await;
+    common::settle_all(batches).await;
     wait_for_depth(&queue, 0, Duration::from_secs(5)).await;
     let again = queue
         .receive(10, Duration::from_secs(1))
@@ -184,7 +171,7 @@ async fn messages_round_trip_with_their_attributes_and_are_gone_once_done() {
         (delivery.event_id, delivery.attempt),
         (Some(dropped.event_id), 2)
     );
-    settle_all_done(batches).await;
+    common::settle_all(batches).await;
 
     // One message at a time: how long from publish until a waiting receive returns it.
     let mut latencies = Vec::new();
@@ -268,7 +255,7 @@ async fn a_retried_message_stays_hidden_for_its_delay_and_comes_back_as_attempt_
     let delivery = &batch.deliveries()[0];
     assert_eq!(delivery.event_id, Some(sent.event_id));
     assert_eq!(delivery.attempt, 2, "SQS's receive count");
-    settle_all_done(vec![batch]).await;
+    common::settle_all(vec![batch]).await;
     wait_for_depth(&queue, 0, Duration::from_secs(5)).await;
     delete_queue(&queue).await;
 }
@@ -311,7 +298,7 @@ async fn a_batch_held_past_its_lease_stays_leased_and_comes_back_once_dropped() 
     let batch = batches.pop().unwrap();
     assert_eq!(batch.deliveries()[0].event_id, Some(sent.event_id));
     assert_eq!(batch.deliveries()[0].attempt, 2);
-    settle_all_done(vec![batch]).await;
+    common::settle_all(vec![batch]).await;
     delete_queue(&queue).await;
 }
 
@@ -370,7 +357,7 @@ async fn many_and_large_messages_are_split_into_calls_within_sqs_limits() {
             deliveries += 1;
         }
         let missing = sent.len().saturating_sub(bodies.len()).max(1);
-        settle_all_done(std::mem::take(&mut batches)).await;
+        common::settle_all(std::mem::take(&mut batches)).await;
         if bodies.len() < sent.len() {
             batches = receive_at_least(&queue, missing, Duration::from_secs(10)).await;
         }
@@ -410,7 +397,7 @@ async fn depth_counts_waiting_and_leased_messages_and_bounds_publishers() {
     // Leased messages still count: they are not done yet.
     let batches = receive_at_least(&queue, 15, Duration::from_secs(10)).await;
     wait_for_depth(&queue, 15, Duration::from_secs(2)).await;
-    settle_all_done(batches).await;
+    common::settle_all(batches).await;
     wait_for_depth(&queue, 0, Duration::from_secs(5)).await;
     delete_queue(&queue).await;
 }
@@ -455,7 +442,7 @@ async fn fifo_queues_are_created_and_keep_each_tables_order() {
                 .expect("known event");
             order.push((sent.event_type.clone(), body["n"].as_i64().unwrap()));
         }
-        settle_all_done(vec![batch]).await;
+        common::settle_all(vec![batch]).await;
     }
     for table in ["leads.insert", "projects.insert"] {
         let ns: Vec<i64> = order
@@ -499,16 +486,7 @@ async fn the_pipeline_over_sqs_is_exact_and_replays_parked_events() {
 
     // A poison event among ordinary ones: parked after two deliveries.
     let lead = Uuid::new_v4();
-    sqlx::query(
-        "INSERT INTO crm_analytics.event_outbox (event_type, aggregate_id, payload)
-         VALUES ('leads.insert', $1, jsonb_build_object('new', jsonb_build_object(
-             'id', $1, 'account_id', null, 'source', 'web', 'status', 'new',
-             'converted_at', null, 'created_at', 'not a date')))",
-    )
-    .bind(lead)
-    .execute(&pool)
-    .await
-    .unwrap();
+    common::insert_poison_lead(&pool, lead).await;
     let stats = common::run_workload(&pool, 2, 120, 23).await;
     assert!(stats.committed() > 200);
     common::drain_through(&pool, &*queue, Duration::from_secs(40)).await;

@@ -496,3 +496,32 @@ pub fn nats_url() -> Option<String> {
         "NATS with JetStream",
     )
 }
+
+/// Settles every delivery of `batches` as done.
+pub async fn settle_all(batches: Vec<Box<dyn crm_analytics::queue::ReceivedBatch>>) {
+    for batch in batches {
+        let done = (0..batch.deliveries().len()).collect();
+        batch
+            .settle(crm_analytics::queue::Settlement {
+                done,
+                retry: Vec::new(),
+            })
+            .await
+            .expect("settle");
+    }
+}
+
+/// Writes a poison event straight into the outbox: a lead insert whose created_at is not
+/// a date, which every worker attempt rejects.
+pub async fn insert_poison_lead(pool: &PgPool, lead: uuid::Uuid) {
+    sqlx::query(
+        "INSERT INTO crm_analytics.event_outbox (event_type, aggregate_id, payload)
+         VALUES ('leads.insert', $1, jsonb_build_object('new', jsonb_build_object(
+             'id', $1, 'account_id', null, 'source', 'web', 'status', 'new',
+             'converted_at', null, 'created_at', 'not a date')))",
+    )
+    .bind(lead)
+    .execute(pool)
+    .await
+    .expect("insert a poison event");
+}
