@@ -149,6 +149,14 @@ pub(super) fn visibility_seconds(delay: Duration) -> i32 {
     seconds.min(MAX_VISIBILITY_SECONDS as u64) as i32
 }
 
+/// Entry codes that mean the receipt no longer holds the message: its lease ran out and
+/// another consumer received it (SQS then gave that consumer a new receipt), or it is no
+/// longer in flight. The message is that consumer's to settle now: a done event is in the
+/// ledger, so the other consumer counts it as a duplicate and deletes it; a retried one is
+/// retried there. Nothing is lost by leaving it, and failing the batch for it would only
+/// make this worker back off while the others finish the work.
+const LEASE_LOST_CODES: &[&str] = &["ReceiptHandleIsInvalid", "MessageNotInflight"];
+
 /// What SQS said of one failed entry of a batch call.
 struct EntryFailure {
     code: String,
@@ -164,11 +172,21 @@ impl EntryFailure {
             retryable: !sender_fault || retryable_code(code),
         }
     }
+
+    /// Whether the entry failed only because this receipt's lease is over (see
+    /// [`LEASE_LOST_CODES`]).
+    fn lease_lost(&self) -> bool {
+        let code = self
+            .code
+            .strip_prefix("AWS.SimpleQueueService.")
+            .unwrap_or(&self.code);
+        LEASE_LOST_CODES.contains(&code)
+    }
 }
 
 /// Runs `call` on chunks of 10 items, at most [`PARALLEL_CALLS`] at a time, and reports
-/// the entries that failed: every call is made even when one fails, so that as much as
-/// possible is settled.
+/// the entries that failed (a lost lease is not a failure): every call is made even when
+/// one fails, so that as much as possible is settled.
 async fn in_batches<'a, T, F, Fut>(
     operation: &'static str,
     items: &'a [T],
@@ -189,9 +207,13 @@ where
         .collect();
     let mut calls = futures::stream::iter(calls).buffer_unordered(PARALLEL_CALLS);
     let (mut failed, mut first, mut retryable, mut call_error) = (0, None, true, None);
+    let mut leases_lost = 0;
     while let Some((entries, answer)) = calls.next().await {
         match answer {
             Ok(failures) => {
+                let (lost, failures): (Vec<_>, Vec<_>) =
+                    failures.into_iter().partition(EntryFailure::lease_lost);
+                leases_lost += lost.len();
                 failed += failures.len();
                 retryable &= failures.iter().all(|f| f.retryable);
                 if first.is_none() {
@@ -203,6 +225,13 @@ where
                 call_error.get_or_insert(error);
             }
         }
+    }
+    if leases_lost > 0 {
+        tracing::debug!(
+            operation,
+            messages = leases_lost,
+            "leases ran out before settling; the consumers that hold the messages now settle them"
+        );
     }
     if let Some(error) = call_error {
         return Err(error);
@@ -302,5 +331,14 @@ mod tests {
         assert_eq!(visibility_seconds(Duration::from_millis(2001)), 3);
         assert_eq!(visibility_seconds(Duration::from_secs(86_400)), 43_200);
         assert_eq!(visibility_seconds(Duration::MAX), 43_200);
+    }
+
+    #[test]
+    fn a_lost_lease_is_told_apart_from_a_failure_in_either_dialect() {
+        let lost = |code: &str| EntryFailure::new(code, None, true).lease_lost();
+        assert!(lost("ReceiptHandleIsInvalid"));
+        assert!(lost("AWS.SimpleQueueService.MessageNotInflight"));
+        assert!(!lost("InternalError"));
+        assert!(!lost("AccessDenied"));
     }
 }
