@@ -175,7 +175,8 @@ pub struct PipelineArgs {
     pub retry_backoff: Duration,
 
     /// Events the queue holds before the relay waits for the workers (backpressure).
-    #[arg(long, env = "CRM_ANALYTICS_QUEUE_CAPACITY", default_value_t = 200_000)]
+    #[arg(long, env = "CRM_ANALYTICS_QUEUE_CAPACITY", default_value_t = 200_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
     pub queue_capacity: u64,
 
     /// Keep relayed outbox rows this long in crm_analytics.event_outbox_processed

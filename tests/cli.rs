@@ -186,3 +186,17 @@ async fn the_demo_masks_the_password_and_shows_rates() {
     assert!(said.contains("/s)  events applied"), "{said}");
     db.drop_db().await;
 }
+
+#[test]
+fn a_queue_capacity_of_zero_is_refused_naming_the_setting() {
+    // With room for nothing, the relay would never relay: refused before anything starts.
+    let mut command = crm_analytics(
+        &["run"],
+        Some("postgres://postgres@127.0.0.1:5432/postgres"),
+    );
+    command.env("CRM_ANALYTICS_QUEUE_CAPACITY", "0");
+    let output = run_bounded(command, Duration::from_secs(20));
+    let said = text(&output);
+    assert_eq!(output.status.code(), Some(2), "{said}");
+    assert!(said.contains("queue-capacity"), "{said}");
+}

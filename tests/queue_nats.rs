@@ -439,3 +439,139 @@ async fn the_pipeline_over_nats_is_exact() {
     common::assert_counts_match_outbox(&pool).await;
     db.finish(pool).await;
 }
+
+#[tokio::test]
+async fn an_event_sent_again_on_purpose_is_not_dropped_as_a_duplicate() {
+    let Some(fresh) = Fresh::new(Duration::from_secs(30)) else {
+        return;
+    };
+    let queue = fresh.open().await;
+    let event = message("leads.insert", "{}");
+    queue
+        .publish_messages(std::slice::from_ref(&event))
+        .await
+        .expect("publish");
+    let batch = queue
+        .receive(10, Duration::from_secs(1))
+        .await
+        .expect("receive");
+    assert_eq!(batch.deliveries().len(), 1);
+    settle_done(batch).await;
+    // Within the duplicate window: a relay's re-publish is dropped, an operator's
+    // `failed retry` is not.
+    queue
+        .publish_messages(std::slice::from_ref(&event))
+        .await
+        .expect("re-publish");
+    assert_eq!(depth(&queue).await, 0, "a re-published event id is dropped");
+    queue
+        .republish_messages(std::slice::from_ref(&event))
+        .await
+        .expect("send again");
+    let batch = queue
+        .receive(10, Duration::from_secs(1))
+        .await
+        .expect("receive");
+    let ids: Vec<_> = batch.deliveries().iter().map(|d| d.event_id).collect();
+    assert_eq!(
+        ids,
+        vec![Some(event.event_id)],
+        "sent again, delivered again"
+    );
+    settle_done(batch).await;
+}
+
+async fn settle_done(batch: Box<dyn crm_analytics::queue::ReceivedBatch>) {
+    let done = (0..batch.deliveries().len()).collect();
+    batch
+        .settle(Settlement {
+            done,
+            retry: vec![],
+        })
+        .await
+        .expect("ack");
+}
+
+/// A poison event is parked after its attempts and put back by `crm-analytics failed
+/// retry` within the stream's duplicate window: it is applied, not dropped as a duplicate.
+#[tokio::test]
+async fn a_parked_event_retried_at_once_is_applied() {
+    let Some(fresh) = Fresh::new(Duration::from_secs(30)) else {
+        return;
+    };
+    let (db, pool) = TestDb::migrated().await;
+    let mut args = db.args();
+    args.max_attempts = 2;
+    args.retry_backoff = Duration::from_millis(200);
+    let queue: Arc<dyn Queue> = Arc::new(fresh.open().await);
+    let running = common::start_with(&db, &args, {
+        let queue = queue.clone();
+        move |_| queue
+    })
+    .await;
+    let lead = Uuid::new_v4();
+    common::insert_poison_lead(&pool, lead).await;
+    common::run_workload(&pool, 2, 60, 29).await;
+    common::drain_through(&pool, &*queue, Duration::from_secs(40)).await;
+    let parked_event: Vec<Uuid> =
+        sqlx::query_scalar("SELECT event_id FROM crm_analytics.failed_events")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(parked_event.len(), 1);
+    // The operator fixes the payload (and the CRM has the lead, written without capture
+    // so that the replay is its only event), then retries through the CLI.
+    sqlx::raw_sql(
+        "UPDATE crm_analytics.failed_events
+            SET payload = jsonb_set(payload, '{new,created_at}', '\"2026-01-01T00:00:00+00:00\"')",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let mut conn = pool.begin().await.unwrap();
+    sqlx::raw_sql("SET LOCAL session_replication_role = replica")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO leads (id, source, status, created_at) VALUES ($1, 'web', 'new', '2026-01-01 00:00+00')")
+        .bind(lead)
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    conn.commit().await.unwrap();
+    let mut command = std::process::Command::new(common::binary());
+    command
+        .args(["failed", "retry", "--all"])
+        .env("DATABASE_URL", &db.url)
+        .env_remove("ANALYTICS_DATABASE_URL");
+    for (name, value) in fresh.env() {
+        command.env(name, value);
+    }
+    let output = command.output().expect("run crm-analytics");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success() && stdout.contains("1 events put back"),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    common::drain_through(&pool, &*queue, Duration::from_secs(20)).await;
+    running.stop().await;
+    let parked: i64 = sqlx::query_scalar("SELECT count(*) FROM crm_analytics.failed_events")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(parked, 0, "nothing parked again");
+    let applied: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM crm_analytics.applied_events WHERE event_id = $1)",
+    )
+    .bind(parked_event[0])
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert!(
+        applied,
+        "the retried event was applied, not dropped as a duplicate"
+    );
+    common::assert_exact(&pool).await;
+    db.finish(pool).await;
+}

@@ -587,3 +587,32 @@ async fn a_missing_queue_is_a_lasting_error_and_an_unreachable_server_a_passing_
     assert!(error.is_retryable(), "{error}");
     assert!(error.to_string().contains("GetQueueUrl"), "{error}");
 }
+
+#[tokio::test]
+async fn a_queue_created_by_name_keeps_messages_for_sqs_longest_retention() {
+    let Some(endpoint) = common::aws_endpoint() else {
+        return;
+    };
+    let target = fresh_target("");
+    let queue = SqsQueue::open(&target, &options(&endpoint, Duration::from_secs(30)))
+        .await
+        .expect("open");
+    let attributes = queue
+        .client()
+        .get_queue_attributes()
+        .queue_url(queue.url())
+        .attribute_names(aws_sdk_sqs::types::QueueAttributeName::MessageRetentionPeriod)
+        .send()
+        .await
+        .expect("attributes");
+    let retention = attributes
+        .attributes()
+        .and_then(|a| a.get(&aws_sdk_sqs::types::QueueAttributeName::MessageRetentionPeriod))
+        .cloned();
+    assert_eq!(
+        retention.as_deref(),
+        Some("1209600"),
+        "14 days, not SQS's default 4"
+    );
+    delete_queue(&queue).await;
+}

@@ -13,6 +13,7 @@ pub use s3::{parse_endpoint, S3Options};
 
 use chrono::NaiveDate;
 use flate2::{write::GzEncoder, Compression};
+use futures::{StreamExt, TryStreamExt};
 use object_store::{local::LocalFileSystem, path::Path, ObjectStore, PutPayload};
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -20,6 +21,9 @@ use std::sync::Arc;
 use uuid::Uuid;
 
 use crate::event::CrmTable;
+
+/// Objects of one batch written at once.
+const PUTS_IN_FLIGHT: usize = 32;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ArchiveError {
@@ -181,7 +185,9 @@ impl Archive {
             }
         }
         let count = objects.len();
-        futures::future::try_join_all(objects.into_iter().map(|(path, bytes)| {
+        // Bounded: the per-event layout makes one object per event, and a batch of
+        // thousands of simultaneous PUTs would only get an object store to throttle.
+        futures::stream::iter(objects.into_iter().map(|(path, bytes)| {
             let store = self.store.clone();
             async move {
                 store
@@ -193,6 +199,8 @@ impl Archive {
                     })
             }
         }))
+        .buffer_unordered(PUTS_IN_FLIGHT)
+        .try_collect::<Vec<_>>()
         .await?;
         Ok(count)
     }

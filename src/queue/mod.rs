@@ -124,6 +124,18 @@ pub trait Queue: Send + Sync {
         let messages: Vec<Message> = events.iter().map(Message::from).collect();
         self.publish_messages(&messages).await
     }
+    /// Appends messages that were published before and are sent again on purpose (an
+    /// operator's `failed retry`): a broker that drops re-published event ids as
+    /// duplicates (NATS's duplicate window) must not drop these. Otherwise as
+    /// [`Queue::publish_messages`].
+    async fn republish_messages(&self, messages: &[Message]) -> Result<(), QueueError> {
+        self.publish_messages(messages).await
+    }
+    /// Appends events sent again on purpose (see [`Queue::republish_messages`]).
+    async fn republish(&self, events: &[Envelope]) -> Result<(), QueueError> {
+        let messages: Vec<Message> = events.iter().map(Message::from).collect();
+        self.republish_messages(&messages).await
+    }
     /// Leases up to `max` deliveries, waiting up to `wait` for the first to arrive (long
     /// poll); an empty batch means nothing arrived in time.
     async fn receive(

@@ -207,7 +207,7 @@ pub async fn retry(
     write_deltas(&mut tx, &deltas).await?;
     // Published before the commit: if the commit fails the event is both queued and still
     // parked, never lost; the idempotency ledger absorbs a second application.
-    queue.publish(&envelopes).await?;
+    queue.republish(&envelopes).await?;
     tx.commit().await?;
     Ok(RetryReport {
         requeued: envelopes.len(),

@@ -13,6 +13,7 @@ use async_trait::async_trait;
 use futures::stream::{self, StreamExt};
 use std::time::Duration;
 use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
 
 use crate::queue::{Delivery, QueueError, ReceivedBatch, Settlement};
 
@@ -24,8 +25,8 @@ pub struct NatsBatch {
     /// Each delivery's ack subject ($JS.ACK…), by index.
     replies: Vec<Subject>,
     deliveries: Vec<Delivery>,
-    /// Dropping it stops the keep-alive task.
-    keep_alive: Option<oneshot::Sender<()>>,
+    /// The keep-alive task, and the sender whose drop stops it.
+    keep_alive: Option<(oneshot::Sender<()>, JoinHandle<()>)>,
     settled: bool,
 }
 
@@ -48,12 +49,12 @@ impl NatsBatch {
         period: Duration,
     ) -> Self {
         let (stop, stopped) = oneshot::channel();
-        tokio::spawn(keep_alive(client.clone(), replies.clone(), period, stopped));
+        let task = tokio::spawn(keep_alive(client.clone(), replies.clone(), period, stopped));
         Self {
             client,
             replies,
             deliveries,
-            keep_alive: Some(stop),
+            keep_alive: Some((stop, task)),
             settled: false,
         }
     }
@@ -96,7 +97,12 @@ impl ReceivedBatch for NatsBatch {
 
     async fn settle(mut self: Box<Self>, settlement: Settlement) -> Result<(), QueueError> {
         self.settled = true;
-        self.keep_alive.take();
+        // Stopped and waited for: a progress ack sent after a delayed nak would restart
+        // the server's ack wait and bring the retry back a lease later, not after its delay.
+        if let Some((stop, task)) = self.keep_alive.take() {
+            drop(stop);
+            let _ = task.await;
+        }
         if self.replies.is_empty() {
             return Ok(());
         }

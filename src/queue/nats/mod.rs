@@ -194,13 +194,14 @@ fn publish_error(stream: &str, error: jetstream::context::PublishError) -> Queue
     }
 }
 
-#[async_trait]
-impl Queue for NatsQueue {
-    fn backend(&self) -> &'static str {
-        "nats"
-    }
-
-    async fn publish_messages(&self, messages: &[Message]) -> Result<(), QueueError> {
+impl NatsQueue {
+    /// Publishes `messages` with the given message ids; returns once the stream
+    /// acknowledged every one.
+    async fn send(
+        &self,
+        messages: &[Message],
+        message_id: impl Fn(&Message) -> String,
+    ) -> Result<(), QueueError> {
         let stream = &self.stream.cached_info().config.name;
         let max_payload = self.client.server_info().max_payload;
         // Every publish goes out before the first acknowledgement is awaited (one round
@@ -230,7 +231,7 @@ impl Queue for NatsQueue {
             }
             let publish = PublishMessage::build()
                 .payload(message.body.clone().into())
-                .message_id(message.event_id.to_string())
+                .message_id(message_id(message))
                 .header(EVENT_TYPE_HEADER, message.event_type.as_str());
             let ack = self
                 .context
@@ -246,6 +247,28 @@ impl Queue for NatsQueue {
             tracing::debug!(duplicates, "NATS dropped re-published events");
         }
         Ok(())
+    }
+}
+
+#[async_trait]
+impl Queue for NatsQueue {
+    fn backend(&self) -> &'static str {
+        "nats"
+    }
+
+    async fn publish_messages(&self, messages: &[Message]) -> Result<(), QueueError> {
+        // The event id is the message id: a relay that publishes a batch again (it died
+        // before deleting its outbox rows) is de-duplicated by the stream.
+        self.send(messages, |message| message.event_id.to_string())
+            .await
+    }
+
+    async fn republish_messages(&self, messages: &[Message]) -> Result<(), QueueError> {
+        // Sent again on purpose: an id of its own, or the stream's duplicate window would
+        // drop an event parked and retried within it.
+        let resend = Uuid::new_v4().simple();
+        self.send(messages, |message| format!("{}.{resend}", message.event_id))
+            .await
     }
 
     async fn receive(
@@ -287,7 +310,10 @@ impl Queue for NatsQueue {
                 .headers
                 .as_ref()
                 .and_then(|headers| headers.get(async_nats::header::NATS_MESSAGE_ID))
-                .and_then(|id| Uuid::parse_str(id.as_str()).ok());
+                // A message sent again on purpose carries `<event id>.<nonce>`.
+                .and_then(|id| {
+                    Uuid::parse_str(id.as_str().split('.').next().unwrap_or_default()).ok()
+                });
             // A body that is not UTF-8 is kept (lossily) for the worker to fail and park.
             let body = String::from_utf8_lossy(&message.payload).into_owned();
             replies.push(reply);

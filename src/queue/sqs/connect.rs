@@ -18,6 +18,8 @@ use crate::queue::{QueueError, SqsTarget};
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// One attempt of one call; above the 20 s of the longest long poll.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(30);
+/// SQS's longest message retention: 14 days.
+const MAX_RETENTION_SECONDS: u32 = 14 * 24 * 60 * 60;
 /// The region signed for when none is configured and the server is not AWS's: local
 /// SQS-compatible servers accept any.
 const LOCAL_REGION: &str = "us-east-1";
@@ -162,10 +164,19 @@ async fn create(
     fifo: bool,
     lease_seconds: i32,
 ) -> Result<String, QueueError> {
-    let mut request = client.create_queue().queue_name(name).attributes(
-        QueueAttributeName::VisibilityTimeout,
-        lease_seconds.to_string(),
-    );
+    // SQS's longest retention (14 days, not its default of 4): events that wait in the
+    // queue through a long outage of the workers are not deleted by SQS.
+    let mut request = client
+        .create_queue()
+        .queue_name(name)
+        .attributes(
+            QueueAttributeName::VisibilityTimeout,
+            lease_seconds.to_string(),
+        )
+        .attributes(
+            QueueAttributeName::MessageRetentionPeriod,
+            MAX_RETENTION_SECONDS.to_string(),
+        );
     if fifo {
         request = request.attributes(QueueAttributeName::FifoQueue, "true");
     }
