@@ -353,13 +353,14 @@ impl Pipeline {
     pub async fn run(&self, roles: Roles, shutdown: CancellationToken) -> anyhow::Result<()> {
         let mut tasks = tokio::task::JoinSet::new();
         if roles.relay {
-            let (crm, queue, config, stop) = (
+            let (crm, analytics, queue, config, stop) = (
                 self.crm.clone(),
+                self.analytics.clone(),
                 self.queue.clone(),
                 self.relay.clone(),
                 shutdown.clone(),
             );
-            tasks.spawn(async move { relay::run(crm, queue, config, stop).await });
+            tasks.spawn(async move { relay::run(crm, analytics, queue, config, stop).await });
             let (crm, stop) = (self.crm.clone(), shutdown.clone());
             let interval = self.vacuum_interval;
             tasks.spawn(async move {

@@ -79,7 +79,7 @@ async fn a_stalled_archive_write_holds_no_shared_row() {
         outbox_retention: Duration::ZERO,
         timeout: Duration::from_secs(30),
     };
-    let relayed = relay_once(&pool, &*queue, &relay).await.unwrap();
+    let relayed = relay_once(&pool, &pool, &*queue, &relay).await.unwrap();
     assert_eq!(relayed, 41);
     // The account's event and 20 leads, then the other 20 leads (outbox order).
     let batch = queue.receive(1000, Duration::ZERO).await.unwrap();

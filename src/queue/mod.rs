@@ -149,6 +149,12 @@ pub trait Queue: Send + Sync {
     /// every relay batch: a backend whose depth costs a paid call answers from a recent
     /// reading.
     async fn is_full(&self) -> Result<bool, QueueError>;
+    /// Why this queue can never take `message` (it is over the broker's size limit), or
+    /// None. The relay parks such an event in failed_events instead of retrying the
+    /// batch that holds it forever.
+    fn refuses(&self, _message: &Message) -> Option<String> {
+        None
+    }
     /// The PostgreSQL pool the queue takes its connections from, when it shares one with
     /// the rest of the process (the embedded queue: the analytics pool). A status read that
     /// timed out while that pool had no free connection waited for the pool, not for the

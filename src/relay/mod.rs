@@ -19,7 +19,8 @@ use uuid::Uuid;
 use crate::capture::OUTBOX_CHANNEL;
 use crate::event::Envelope;
 use crate::listen::ChannelWatcher;
-use crate::queue::Queue;
+use crate::queue::{Message, Queue};
+use crate::worker::failed::DeadLetter;
 
 #[derive(Debug, Clone)]
 pub struct RelayConfig {
@@ -62,8 +63,11 @@ fn begin_statement(timeout: Duration) -> String {
 type OutboxRow = (Uuid, String, Option<Uuid>, i64, DateTime<Utc>, String);
 
 /// Claims up to `batch_size` outbox rows, publishes them, removes them. Returns how many.
+/// An event the queue can never take (over a broker's size limit) is parked in the
+/// failed_events of `analytics` instead, so that it does not hold back the rest.
 pub async fn relay_once(
     crm: &PgPool,
+    analytics: &PgPool,
     queue: &dyn Queue,
     config: &RelayConfig,
 ) -> anyhow::Result<usize> {
@@ -105,10 +109,21 @@ pub async fn relay_once(
             payload: RawValue::from_string(payload)?,
         });
     }
+    let (messages, refused) = sendable(queue, &envelopes);
+    if !refused.is_empty() {
+        // Parked before the claim commits: if the publish below fails, the rows stay in
+        // the outbox and are parked again next time, which keeps one row (ON CONFLICT).
+        let parked = crate::worker::failed::park(analytics, &refused).await?;
+        crate::telemetry::metrics::events_parked(parked);
+        for letter in &refused {
+            tracing::warn!(event_id = %letter.event_id, event_type = letter.event_type, error = letter.error_message, "event parked in failed_events: the queue cannot take it");
+        }
+    }
+    let publish = queue.publish_messages(&messages);
     let published = if config.timeout.is_zero() {
-        queue.publish(&envelopes).await.map_err(anyhow::Error::from)
+        publish.await.map_err(anyhow::Error::from)
     } else {
-        match tokio::time::timeout(config.timeout, queue.publish(&envelopes)).await {
+        match tokio::time::timeout(config.timeout, publish).await {
             Ok(result) => result.map_err(anyhow::Error::from),
             Err(_) => Err(RelayError::PublishTimeout {
                 events: envelopes.len(),
@@ -132,6 +147,20 @@ pub async fn relay_once(
     tx.commit().await?;
     crate::telemetry::metrics::events_relayed(envelopes.len());
     Ok(envelopes.len())
+}
+
+/// The claimed events as messages the queue takes, and those it never can (to park).
+fn sendable(queue: &dyn Queue, envelopes: &[Envelope]) -> (Vec<Message>, Vec<DeadLetter>) {
+    let mut messages = Vec::with_capacity(envelopes.len());
+    let mut refused = Vec::new();
+    for envelope in envelopes {
+        let message = Message::from(envelope);
+        match queue.refuses(&message) {
+            None => messages.push(message),
+            Some(reason) => refused.push(DeadLetter::from_envelope(envelope, reason, 1)),
+        }
+    }
+    (messages, refused)
 }
 
 /// While events keep coming the relay stays awake and polls this often, so that writers
@@ -202,6 +231,7 @@ impl SleepFlag {
 /// flag have ended, and then sleeps until a notification (or the safety-net poll).
 pub async fn run(
     crm: PgPool,
+    analytics: PgPool,
     queue: Arc<dyn Queue>,
     config: RelayConfig,
     shutdown: CancellationToken,
@@ -209,9 +239,12 @@ pub async fn run(
     let watcher = ChannelWatcher::start(&crm, OUTBOX_CHANNEL).await?;
     let mut loops = tokio::task::JoinSet::new();
     for _ in 0..config.loops.max(1) {
-        let (crm, queue, config) = (crm.clone(), queue.clone(), config.clone());
+        let (crm, analytics) = (crm.clone(), analytics.clone());
+        let (queue, config) = (queue.clone(), config.clone());
         let (watcher, shutdown) = (watcher.clone(), shutdown.clone());
-        loops.spawn(async move { relay_loop(crm, queue, config, watcher, shutdown).await });
+        loops.spawn(
+            async move { relay_loop(crm, analytics, queue, config, watcher, shutdown).await },
+        );
     }
     while let Some(done) = loops.join_next().await {
         done?;
@@ -222,6 +255,7 @@ pub async fn run(
 /// One relay loop: claims, publishes and sleeps on its own; loops share the listener.
 async fn relay_loop(
     crm: PgPool,
+    analytics: PgPool,
     queue: Arc<dyn Queue>,
     config: RelayConfig,
     watcher: ChannelWatcher,
@@ -246,7 +280,7 @@ async fn relay_loop(
         }
         let epoch = watcher.epoch();
         let step = async {
-            let relayed = relay_once(&crm, &*queue, &config).await?;
+            let relayed = relay_once(&crm, &analytics, &*queue, &config).await?;
             if relayed > 0 {
                 last_event = std::time::Instant::now();
                 flag.set(false).await?;

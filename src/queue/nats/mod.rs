@@ -216,16 +216,11 @@ impl NatsQueue {
                         usize::from(ack.await.map_err(|e| publish_error(stream, e))?.duplicate);
                 }
             }
-            if max_payload > 0 && message.body.len() > max_payload {
+            if let Some(refusal) = too_large(message, max_payload) {
                 return Err(QueueError::Broker {
                     backend: "nats",
                     operation: "publish",
-                    message: format!(
-                        "event {} is {} bytes, over the server's max_payload of {max_payload}; \
-                         raise max_payload in the nats-server configuration",
-                        message.event_id,
-                        message.body.len()
-                    ),
+                    message: refusal,
                     retryable: false,
                 });
             }
@@ -250,10 +245,26 @@ impl NatsQueue {
     }
 }
 
+/// Why a server with this `max_payload` can never take `message`, or None.
+fn too_large(message: &Message, max_payload: usize) -> Option<String> {
+    (max_payload > 0 && message.body.len() > max_payload).then(|| {
+        format!(
+            "event {} is {} bytes, over the server's max_payload of {max_payload}; raise \
+             max_payload in the nats-server configuration",
+            message.event_id,
+            message.body.len()
+        )
+    })
+}
+
 #[async_trait]
 impl Queue for NatsQueue {
     fn backend(&self) -> &'static str {
         "nats"
+    }
+
+    fn refuses(&self, message: &Message) -> Option<String> {
+        too_large(message, self.client.server_info().max_payload)
     }
 
     async fn publish_messages(&self, messages: &[Message]) -> Result<(), QueueError> {

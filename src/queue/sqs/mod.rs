@@ -264,6 +264,10 @@ impl Queue for SqsQueue {
         publish::publish(&self.shared, messages).await
     }
 
+    fn refuses(&self, message: &Message) -> Option<String> {
+        publish::refuses(message)
+    }
+
     async fn receive(
         &self,
         max: usize,

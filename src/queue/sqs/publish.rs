@@ -40,21 +40,9 @@ pub(super) fn prepare(messages: &[Message]) -> Result<Vec<Prepared<'_>>, QueueEr
         .iter()
         .map(|message| {
             let body = sqs_safe_body(&message.body);
-            let size = body.len()
-                + attribute_size(EVENT_ID, &message.event_id.to_string())
-                + attribute_size(EVENT_TYPE, &message.event_type);
-            if size > MAX_MESSAGE_BYTES {
-                return Err(other(
-                    "SendMessageBatch",
-                    format!(
-                        "event {} ({}) is {size} bytes as an SQS message; SQS takes at most \
-                         {MAX_MESSAGE_BYTES} bytes per message, so this event cannot go \
-                         through the SQS queue (use the postgres queue, or keep the row's \
-                         large columns out of capture with --capture-columns metrics)",
-                        message.event_id, message.event_type
-                    ),
-                    false,
-                ));
+            let size = sqs_size(message, &body);
+            if let Some(refusal) = refusal(message, size) {
+                return Err(other("SendMessageBatch", refusal, false));
             }
             Ok(Prepared {
                 message,
@@ -63,6 +51,30 @@ pub(super) fn prepare(messages: &[Message]) -> Result<Vec<Prepared<'_>>, QueueEr
             })
         })
         .collect()
+}
+
+/// The size SQS counts for `message` sent with `body`.
+fn sqs_size(message: &Message, body: &str) -> usize {
+    body.len()
+        + attribute_size(EVENT_ID, &message.event_id.to_string())
+        + attribute_size(EVENT_TYPE, &message.event_type)
+}
+
+/// Why SQS can never take `message`, or None (see [`crate::queue::Queue::refuses`]).
+pub(super) fn refuses(message: &Message) -> Option<String> {
+    refusal(message, sqs_size(message, &sqs_safe_body(&message.body)))
+}
+
+fn refusal(message: &Message, size: usize) -> Option<String> {
+    (size > MAX_MESSAGE_BYTES).then(|| {
+        format!(
+            "event {} ({}) is {size} bytes as an SQS message; SQS takes at most \
+             {MAX_MESSAGE_BYTES} bytes per message, so this event cannot go through the SQS \
+             queue (use the postgres queue, or keep the row's large columns out of capture \
+             with --capture-columns metrics)",
+            message.event_id, message.event_type
+        )
+    })
 }
 
 /// SQS counts an attribute as its name, its type and its value; an empty value is not sent.
