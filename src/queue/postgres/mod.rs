@@ -176,7 +176,19 @@ impl Queue for PostgresQueue {
             sqlx::query_scalar("SELECT max(id) - min(id) + 1 FROM crm_analytics.queue")
                 .fetch_one(&self.pool)
                 .await?;
-        Ok(span.unwrap_or(0) as u64 >= self.capacity)
+        if (span.unwrap_or(0) as u64) < self.capacity {
+            return Ok(false);
+        }
+        // The span also counts the ids between: one old row waiting out a long retry delay
+        // would make a near-empty queue look full. Confirmed by counting, at most up to the
+        // capacity, only when the span says full.
+        let rows: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM (SELECT 1 FROM crm_analytics.queue LIMIT $1) AS held",
+        )
+        .bind(i64::try_from(self.capacity).unwrap_or(i64::MAX))
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(rows as u64 >= self.capacity)
     }
 }
 
