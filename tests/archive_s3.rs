@@ -5,77 +5,27 @@
 
 mod common;
 
+use common::brokers::{bucket_name, create_bucket, moto};
 use common::{Running, TestDb};
 use crm_analytics::archive::{Archive, Layout, S3Options};
 use crm_analytics::config::PipelineArgs;
 use crm_analytics::event::Envelope;
-use crm_analytics::pipeline::Pipeline;
-use crm_analytics::worker::apply::Applier;
 use futures::{StreamExt, TryStreamExt};
 use object_store::ObjectStore;
 use sqlx::PgPool;
 use std::collections::HashSet;
 use std::io::Read;
 use std::process::Stdio;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-/// Settings for moto, which accepts any credentials. Given through the builder: tests run
-/// in parallel threads of one process, so the AWS_* variables are not touched.
-fn moto(endpoint: &str) -> S3Options {
-    S3Options {
-        endpoint: Some(endpoint.to_string()),
-        region: Some("us-east-1".into()),
-        access_key_id: Some("testing".into()),
-        secret_access_key: Some("testing".into()),
-    }
-}
-
-fn bucket_name() -> String {
-    format!("crm-analytics-{}", Uuid::new_v4().simple())
-}
-
-/// Creates a bucket of the test's own (moto takes a plain, unsigned PUT).
-async fn create_bucket(endpoint: &str, bucket: &str) {
-    let response = reqwest::Client::new()
-        .put(format!("{endpoint}/{bucket}"))
-        .send()
-        .await
-        .expect("reach the S3-compatible server");
-    assert!(
-        response.status().is_success(),
-        "create bucket {bucket}: {}",
-        response.status()
-    );
-}
-
 /// A pipeline as `run` wires it with `args`, writing its archive to `archive`.
-async fn start_archiving(db: &TestDb, mut args: PipelineArgs, archive: Archive) -> Running {
-    // The archive is given, not opened from the settings (which would create a folder).
-    args.archive = "none".into();
-    let crm = db
-        .pool(crm_analytics::pipeline::crm_pool_size(args.relays as usize))
-        .await;
+async fn start_archiving(db: &TestDb, args: PipelineArgs, archive: Archive) -> Running {
     let analytics = db
         .pool(crm_analytics::pipeline::analytics_pool_size(args.workers()))
         .await;
     let queue = common::open_queue(&analytics, args.queue_capacity).await;
-    let mut pipeline =
-        Pipeline::assemble(crm, analytics.clone(), queue, &args).expect("assemble pipeline");
-    pipeline.applier = Arc::new(Applier {
-        pool: analytics,
-        archive: Some(archive),
-    });
-    let pipeline = Arc::new(pipeline);
-    let stop = CancellationToken::new();
-    let task = pipeline.spawn_all(stop.clone());
-    Running {
-        pipeline,
-        stop,
-        task,
-    }
+    common::start_archiving_to(db, &args, archive, move |_| queue).await
 }
 
 /// Every archived event id, read back through object_store (list, then get), after checking

@@ -1,4 +1,5 @@
-//! Brokers for tests: a stream and consumer (NATS) of a test's own, removed afterwards.
+//! Brokers for tests: a stream and consumer (NATS, removed afterwards), a queue (SQS) or an
+//! archive bucket (S3) of a test's own.
 
 use crm_analytics::queue::nats::{NatsOptions, NatsQueue, NatsSpec};
 use crm_analytics::queue::QueueOptions;
@@ -130,4 +131,35 @@ impl FreshSqs {
             ("AWS_REGION", "us-east-1".into()),
         ]
     }
+}
+
+/// Settings for the local S3-compatible server (moto), which accepts any credentials. Given
+/// through the builder: tests run in parallel threads of one process, so the AWS_* variables
+/// are not touched.
+pub fn moto(endpoint: &str) -> crm_analytics::archive::S3Options {
+    crm_analytics::archive::S3Options {
+        endpoint: Some(endpoint.to_string()),
+        region: Some("us-east-1".into()),
+        access_key_id: Some("testing".into()),
+        secret_access_key: Some("testing".into()),
+    }
+}
+
+/// A bucket name of a test's own.
+pub fn bucket_name() -> String {
+    format!("crm-analytics-{}", Uuid::new_v4().simple())
+}
+
+/// Creates `bucket` on the S3-compatible server (moto takes a plain, unsigned PUT).
+pub async fn create_bucket(endpoint: &str, bucket: &str) {
+    let response = reqwest::Client::new()
+        .put(format!("{endpoint}/{bucket}"))
+        .send()
+        .await
+        .expect("reach the S3-compatible server");
+    assert!(
+        response.status().is_success(),
+        "create bucket {bucket}: {}",
+        response.status()
+    );
 }

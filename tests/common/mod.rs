@@ -5,9 +5,11 @@
 pub mod brokers;
 pub mod outage;
 
+use crm_analytics::archive::Archive;
 use crm_analytics::config::PipelineArgs;
 use crm_analytics::pipeline::Pipeline;
 use crm_analytics::queue::{Queue, QueueOptions, QueueSpec};
+use crm_analytics::worker::apply::Applier;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{Connection, PgConnection, PgPool};
 use std::path::PathBuf;
@@ -121,6 +123,36 @@ pub async fn start_with<F>(db: &TestDb, args: &PipelineArgs, make_queue: F) -> R
 where
     F: FnOnce(PgPool) -> Arc<dyn Queue>,
 {
+    spawn_pipeline(assemble(db, args, make_queue).await)
+}
+
+/// [`start_with`], the workers archiving to `archive` instead of where `args` says: an
+/// archive opened with settings of its own (S3 credentials given in code, as the tests of
+/// one binary share the process environment).
+pub async fn start_archiving_to<F>(
+    db: &TestDb,
+    args: &PipelineArgs,
+    archive: Archive,
+    make_queue: F,
+) -> Running
+where
+    F: FnOnce(PgPool) -> Arc<dyn Queue>,
+{
+    // The archive is given, not opened from the settings (which would create a folder).
+    let mut args = args.clone();
+    args.archive = "none".into();
+    let mut pipeline = assemble(db, &args, make_queue).await;
+    pipeline.applier = Arc::new(Applier {
+        pool: pipeline.analytics.clone(),
+        archive: Some(archive),
+    });
+    spawn_pipeline(pipeline)
+}
+
+async fn assemble<F>(db: &TestDb, args: &PipelineArgs, make_queue: F) -> Pipeline
+where
+    F: FnOnce(PgPool) -> Arc<dyn Queue>,
+{
     let crm = db
         .pool(crm_analytics::pipeline::crm_pool_size(args.relays as usize))
         .await;
@@ -128,8 +160,11 @@ where
         .pool(crm_analytics::pipeline::analytics_pool_size(args.workers()))
         .await;
     let queue = make_queue(analytics.clone());
-    let pipeline =
-        Arc::new(Pipeline::assemble(crm, analytics, queue, args).expect("assemble pipeline"));
+    Pipeline::assemble(crm, analytics, queue, args).expect("assemble pipeline")
+}
+
+fn spawn_pipeline(pipeline: Pipeline) -> Running {
+    let pipeline = Arc::new(pipeline);
     let stop = CancellationToken::new();
     let task = pipeline.spawn_all(stop.clone());
     Running {
