@@ -1,0 +1,341 @@
+//! Queues side by side: the same measurements through each queue backend in one run, each
+//! through a fresh stream or queue of its own (`brokers`), deleted afterwards.
+//!
+//! Per backend: drain throughput of `crm-analytics run` (a child process with default
+//! settings, as a user runs it) on a copy of one backlog (a smaller one for SQS, whose
+//! local server is far slower), timed from the first applied event to the last and
+//! verified exact against the CRM afterwards; for SQS the server's own ceiling
+//! (`sqs_ceiling`) and the drain's ratio to it; freshness under a steady load (section 3's
+//! measurement through that queue) of 2,000 events/s, or half the drain throughput
+//! measured through that queue when that is less, so that the load is one the queue
+//! carries. Then 1, 2 and 4 worker processes through NATS and SQS, archiving locally
+//! (section 7's runs; section 7 has PostgreSQL's, and compares the archives).
+
+use sqlx::PgPool;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+use tokio::process::{Child, Command};
+
+use super::brokers::{Broker, FreshQueue};
+use super::scale_out::Rows;
+use super::{BenchDb, Report, Scale};
+use crate::event::Envelope;
+use crate::queue::Message;
+
+const SECTION: &str = "8. Queues side by side";
+/// Events of the backlog whose bodies the SQS ceiling sends (cycling through them).
+const SAMPLE: i64 = 1_000;
+/// How often the drain is checked: often enough to time short drains to a few percent.
+const SAMPLE_EVERY: Duration = Duration::from_millis(20);
+/// The drain throughput the PostgreSQL and NATS queues must reach.
+const DRAIN_TARGET: f64 = 25_000.0;
+/// The share of the server's own ceiling the SQS drain must reach.
+const CEILING_TARGET: f64 = 0.8;
+
+pub async fn run(server: &str, scale: Scale, report: &mut Report) -> anyhow::Result<()> {
+    println!("{SECTION}");
+    let brokers = Broker::all().await;
+    let measured: Vec<&str> = brokers.iter().flatten().map(Broker::name).collect();
+    report.add(
+        SECTION,
+        "queues measured; on each, a backlog of mixed events of the four tables drained by \
+         `crm-analytics run` (a child process, default settings) through a fresh stream or \
+         queue of its own, events/s from the first applied event to the last, aggregates \
+         verified exact against the CRM afterwards",
+        measured.join(", "),
+        None,
+    );
+    for broker in &brokers {
+        match broker {
+            Ok(broker) => one_queue(server, scale, broker, report).await?,
+            Err((name, why)) => report.add(SECTION, *name, format!("skipped ({why})"), None),
+        }
+    }
+    for broker in brokers.iter().flatten() {
+        let events = match broker {
+            Broker::Postgres => continue,
+            Broker::Nats { .. } => scale.queues_scale_out_backlog,
+            Broker::Sqs { .. } => scale.queues_sqs_scale_out_backlog,
+        };
+        // The local archive only: section 7 compares the archives, this the queues.
+        let rows = Rows {
+            section: SECTION,
+            prefix: format!("{}: ", broker.name()),
+            s3_archive: false,
+        };
+        super::scale_out::run_with_queue(server, events, report, broker, &rows).await?;
+    }
+    Ok(())
+}
+
+/// Drain, ceiling (SQS) and freshness through one backend.
+async fn one_queue(
+    server: &str,
+    scale: Scale,
+    broker: &Broker,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    let name = broker.name();
+    let events = match broker {
+        Broker::Sqs { .. } => scale.queues_sqs_backlog,
+        _ => scale.queues_backlog,
+    };
+    let (template, backlog) = super::drain::template(server, events).await?;
+    let drained = match sample(&template).await {
+        Ok(messages) => drain(server, &template, backlog, timeout(broker, backlog), broker)
+            .await
+            .map(|rate| (messages, rate)),
+        Err(error) => Err(error),
+    };
+    template.drop_db().await?;
+    let (messages, rate) = drained?;
+    let target = match broker {
+        Broker::Sqs { .. } => None,
+        _ => Some(("at least 25,000 events/s".into(), rate >= DRAIN_TARGET)),
+    };
+    report.add(
+        SECTION,
+        format!("{name}: drain throughput ({backlog} events)"),
+        format!("{rate:.0} events/s"),
+        target,
+    );
+    // What the queue carries: the drain, and for SQS the server's own ceiling when lower.
+    let mut carried = rate;
+    if matches!(broker, Broker::Sqs { .. }) {
+        carried = carried.min(ceiling(broker, &messages, backlog, rate, report).await?);
+    }
+    let load = (super::freshness::EVENTS_PER_SECOND as f64).min(carried / 2.0) as u64;
+    freshness(server, scale, broker, load, report).await
+}
+
+/// Longest a drain (or the SQS ceiling) of `events` may take: a local SQS-compatible
+/// server may carry only tens of events a second on a busy machine.
+fn timeout(broker: &Broker, events: i64) -> Duration {
+    let slowest = match broker {
+        Broker::Sqs { .. } => 20,
+        _ => 500,
+    };
+    Duration::from_secs((events as u64 / slowest).max(120))
+}
+
+/// An outbox row as the relay reads it: id, type, aggregate, xid, creation time, payload.
+type OutboxRow = (
+    uuid::Uuid,
+    String,
+    Option<uuid::Uuid>,
+    i64,
+    chrono::DateTime<chrono::Utc>,
+    String,
+);
+
+/// Up to [`SAMPLE`] events of the backlog as the queue carries them (the relay's query).
+async fn sample(template: &BenchDb) -> anyhow::Result<Vec<Message>> {
+    let pool = template.pool(1).await?;
+    let rows: Vec<OutboxRow> = sqlx::query_as(
+        "SELECT event_id, event_type, aggregate_id, xid::text::int8, created_at, payload::text
+         FROM crm_analytics.event_outbox ORDER BY random() LIMIT $1",
+    )
+    .bind(SAMPLE)
+    .fetch_all(&pool)
+    .await?;
+    // The template must have no session left when it is copied.
+    pool.close().await;
+    let mut messages = Vec::with_capacity(rows.len());
+    for (event_id, event_type, aggregate_id, xid, created_at, payload) in rows {
+        let envelope = Envelope {
+            event_id,
+            event_type,
+            aggregate_id,
+            xid: xid as u64,
+            created_at,
+            payload: serde_json::value::RawValue::from_string(payload)?,
+        };
+        messages.push(Message::from(&envelope));
+    }
+    Ok(messages)
+}
+
+/// Drains a copy of the backlog through a fresh queue of `broker`; events/s.
+async fn drain(
+    server: &str,
+    template: &BenchDb,
+    backlog: i64,
+    timeout: Duration,
+    broker: &Broker,
+) -> anyhow::Result<f64> {
+    let db = super::drain::copy(server, template, "queues").await?;
+    let queue = broker.fresh()?;
+    let drained = drain_on(&db, backlog, timeout, &queue).await;
+    queue.remove_or_warn().await;
+    let _ = std::fs::remove_dir_all(std::env::temp_dir().join(&db.name));
+    db.drop_db().await?;
+    drained
+}
+
+fn spawn_run(db: &BenchDb, queue: &FreshQueue, log: &std::path::Path) -> anyhow::Result<Child> {
+    Ok(Command::new(std::env::current_exe()?)
+        .arg("run")
+        .env("DATABASE_URL", &db.url)
+        .env_remove("ANALYTICS_DATABASE_URL")
+        .envs(queue.env.iter().cloned())
+        .env("CRM_ANALYTICS_ARCHIVE", std::env::temp_dir().join(&db.name))
+        .env("CRM_ANALYTICS_LISTEN", "127.0.0.1:0")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(std::fs::File::create(log)?))
+        .kill_on_drop(true)
+        .spawn()?)
+}
+
+async fn drain_on(
+    db: &BenchDb,
+    backlog: i64,
+    timeout: Duration,
+    queue: &FreshQueue,
+) -> anyhow::Result<f64> {
+    let pool = db.pool(2).await?;
+    let log = std::env::temp_dir().join(format!("{}-run.log", db.name));
+    let mut child = spawn_run(db, queue, &log)?;
+    let timed = time_drain(&pool, backlog, timeout, &mut child, &log).await;
+    let _ = child.start_kill();
+    let _ = child.wait().await;
+    let (since, applied) = timed?;
+    let found = crate::aggregates::verify::verify(&pool, &pool, "public", 3).await?;
+    anyhow::ensure!(
+        found.differences == 0,
+        "after the drain through {}, {} aggregate rows differ from the CRM, first: {:?}",
+        queue.spec,
+        found.differences,
+        found.shown
+    );
+    pool.close().await;
+    let _ = std::fs::remove_file(&log);
+    Ok(applied as f64 / since.as_secs_f64())
+}
+
+/// Waits until `backlog` events are applied; returns the time from the first applied
+/// sample to the last and the events applied in it (starting the process is not counted).
+async fn time_drain(
+    pool: &PgPool,
+    backlog: i64,
+    timeout: Duration,
+    child: &mut Child,
+    log: &std::path::Path,
+) -> anyhow::Result<(Duration, i64)> {
+    let started = Instant::now();
+    let mut first: Option<(Instant, i64)> = None;
+    loop {
+        // Every applied event is counted once in event_counts, in the transaction that
+        // applies it, whatever the queue.
+        let processed: i64 = sqlx::query_scalar(
+            "SELECT coalesce(sum(processed), 0)::int8 FROM analytics.event_counts",
+        )
+        .fetch_one(pool)
+        .await?;
+        let now = Instant::now();
+        match first {
+            Some((since, before)) if processed >= backlog => {
+                anyhow::ensure!(
+                    processed > before && now > since,
+                    "{backlog} events drained between two samples: too few to time"
+                );
+                return Ok((now - since, processed - before));
+            }
+            None if processed > 0 => first = Some((now, processed)),
+            _ => {}
+        }
+        if let Some(status) = child.try_wait()? {
+            anyhow::bail!(
+                "crm-analytics run exited ({status}); its log: {}",
+                log.display()
+            );
+        }
+        anyhow::ensure!(
+            started.elapsed() < timeout,
+            "{backlog} events were not drained within {timeout:?}; log: {}",
+            log.display()
+        );
+        tokio::time::sleep(SAMPLE_EVERY).await;
+    }
+}
+
+/// Section 3's freshness measurement through a fresh queue of `broker`, under `load`
+/// CRM events/s.
+async fn freshness(
+    server: &str,
+    scale: Scale,
+    broker: &Broker,
+    load: u64,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    let queue = broker.fresh()?;
+    let seconds = scale.queues_freshness_seconds;
+    let measured = super::freshness::measure(server, seconds, load, Some(&queue)).await;
+    queue.remove_or_warn().await;
+    let measured = measured?;
+    let (p50, p99) = (measured.p50(), measured.p99());
+    let limit = match broker {
+        Broker::Sqs { .. } => Duration::from_millis(250),
+        _ => Duration::from_millis(50),
+    };
+    let asked = match load < super::freshness::EVENTS_PER_SECOND {
+        true => format!("asked {load}: half of what this queue carried above"),
+        false => format!("asked {load}"),
+    };
+    report.add(
+        SECTION,
+        format!(
+            "{}: freshness, commit to visible through the API under {:.0} events/s of CRM \
+             writes ({asked}), {} probes, p50 / p99",
+            broker.name(),
+            measured.rate,
+            measured.samples.len()
+        ),
+        format!(
+            "{:.1} ms / {:.1} ms",
+            p50.as_secs_f64() * 1000.0,
+            p99.as_secs_f64() * 1000.0
+        ),
+        Some((format!("p99 under {} ms", limit.as_millis()), p99 < limit)),
+    );
+    Ok(())
+}
+
+/// The SQS server's own ceiling on a fresh queue (returned, events/s), and the drain's
+/// ratio to it.
+async fn ceiling(
+    broker: &Broker,
+    messages: &[Message],
+    backlog: i64,
+    drained: f64,
+    report: &mut Report,
+) -> anyhow::Result<f64> {
+    let queue = broker.fresh()?;
+    let timeout = timeout(broker, backlog);
+    let measured = super::sqs_ceiling::measure(&queue, messages, backlog as usize, timeout).await;
+    queue.remove_or_warn().await;
+    let ceiling = measured?;
+    let mean = messages.iter().map(|m| m.body.len()).sum::<usize>() / messages.len().max(1);
+    report.add(
+        SECTION,
+        format!(
+            "sqs: server ceiling, a plain AWS SDK loop on a fresh queue (SendMessageBatch of \
+             10 while ReceiveMessage of 10 + DeleteMessageBatch, {} calls in flight each, \
+             {backlog} messages sampled from the backlog, bodies of {mean} bytes on average)",
+            crate::queue::sqs::PARALLEL_CALLS
+        ),
+        format!("{ceiling:.0} events/s"),
+        None,
+    );
+    let ratio = drained / ceiling;
+    report.add(
+        SECTION,
+        "sqs: drain / server ceiling",
+        format!("{ratio:.2}x"),
+        Some((
+            format!("at least {CEILING_TARGET:.1}x"),
+            ratio >= CEILING_TARGET,
+        )),
+    );
+    Ok(ceiling)
+}
