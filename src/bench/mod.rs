@@ -93,7 +93,7 @@ impl Scale {
                 queues_sqs_backlog: 200,
                 queues_freshness_seconds: 3,
                 queues_scale_out_backlog: 5_000,
-                queues_sqs_scale_out_backlog: 200,
+                queues_sqs_scale_out_backlog: 100,
             }
         } else {
             Self {
@@ -215,6 +215,34 @@ impl InProcess {
         self.pipeline.analytics.close().await;
         let _ = std::fs::remove_dir_all(&self.archive);
         Ok(())
+    }
+}
+
+/// Times a drain from samples of the events applied so far: from the last sample that found
+/// none applied to the first that found them all. Starting the processes (connecting,
+/// checking the schema) is not counted, the first batch is, and a drain always spans at
+/// least one sample interval, however few batches it takes.
+pub struct DrainClock {
+    idle_until: std::time::Instant,
+}
+
+impl DrainClock {
+    /// Started when the draining processes are.
+    pub fn start() -> Self {
+        Self {
+            idle_until: std::time::Instant::now(),
+        }
+    }
+
+    /// Takes a sample of `processed` events applied; once all `backlog` are, the time the
+    /// drain took.
+    pub fn sample(&mut self, processed: i64, backlog: i64) -> Option<std::time::Duration> {
+        let now = std::time::Instant::now();
+        if processed <= 0 {
+            self.idle_until = now;
+            return None;
+        }
+        (processed >= backlog).then(|| now - self.idle_until)
     }
 }
 

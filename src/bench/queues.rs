@@ -3,8 +3,7 @@
 //!
 //! Per backend: drain throughput of `crm-analytics run` (a child process with default
 //! settings, as a user runs it) on a copy of one backlog (a smaller one for SQS, whose
-//! local server is far slower), timed from the first applied event to the last and
-//! verified exact against the CRM afterwards; for SQS the server's own ceiling
+//! local server is far slower), timed by [`DrainClock`] and verified exact against the CRM afterwards; for SQS the server's own ceiling
 //! (`sqs_ceiling`) and the drain's ratio to it; freshness under a steady load (section 3's
 //! measurement through that queue) of 2,000 events/s, or half the drain throughput
 //! measured through that queue when that is less, so that the load is one the queue
@@ -18,7 +17,7 @@ use tokio::process::{Child, Command};
 
 use super::brokers::{Broker, FreshQueue};
 use super::scale_out::Rows;
-use super::{BenchDb, Report, Scale};
+use super::{BenchDb, DrainClock, Report, Scale};
 use crate::event::Envelope;
 use crate::queue::Message;
 
@@ -40,8 +39,8 @@ pub async fn run(server: &str, scale: Scale, report: &mut Report) -> anyhow::Res
         SECTION,
         "queues measured; on each, a backlog of mixed events of the four tables drained by \
          `crm-analytics run` (a child process, default settings) through a fresh stream or \
-         queue of its own, events/s from the first applied event to the last, aggregates \
-         verified exact against the CRM afterwards",
+         queue of its own, events/s from the last check with none applied to the first with \
+         all applied, aggregates verified exact against the CRM afterwards",
         measured.join(", "),
         None,
     );
@@ -199,7 +198,7 @@ async fn drain_on(
     let timed = time_drain(&pool, backlog, timeout, &mut child, &log).await;
     let _ = child.start_kill();
     let _ = child.wait().await;
-    let (since, applied) = timed?;
+    let took = timed?;
     let found = crate::aggregates::verify::verify(&pool, &pool, "public", 3).await?;
     anyhow::ensure!(
         found.differences == 0,
@@ -210,20 +209,19 @@ async fn drain_on(
     );
     pool.close().await;
     let _ = std::fs::remove_file(&log);
-    Ok(applied as f64 / since.as_secs_f64())
+    Ok(backlog as f64 / took.as_secs_f64().max(f64::EPSILON))
 }
 
-/// Waits until `backlog` events are applied; returns the time from the first applied
-/// sample to the last and the events applied in it (starting the process is not counted).
+/// Waits until `backlog` events are applied; returns how long they took ([`DrainClock`]).
 async fn time_drain(
     pool: &PgPool,
     backlog: i64,
     timeout: Duration,
     child: &mut Child,
     log: &std::path::Path,
-) -> anyhow::Result<(Duration, i64)> {
+) -> anyhow::Result<Duration> {
     let started = Instant::now();
-    let mut first: Option<(Instant, i64)> = None;
+    let mut clock = DrainClock::start();
     loop {
         // Every applied event is counted once in event_counts, in the transaction that
         // applies it, whatever the queue.
@@ -232,17 +230,8 @@ async fn time_drain(
         )
         .fetch_one(pool)
         .await?;
-        let now = Instant::now();
-        match first {
-            Some((since, before)) if processed >= backlog => {
-                anyhow::ensure!(
-                    processed > before && now > since,
-                    "{backlog} events drained between two samples: too few to time"
-                );
-                return Ok((now - since, processed - before));
-            }
-            None if processed > 0 => first = Some((now, processed)),
-            _ => {}
+        if let Some(took) = clock.sample(processed, backlog) {
+            return Ok(took);
         }
         if let Some(status) = child.try_wait()? {
             anyhow::bail!(
