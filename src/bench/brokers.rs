@@ -37,6 +37,17 @@ impl Broker {
         }
     }
 
+    /// Longest a step moving `events` through this backend may take before the benchmark
+    /// takes it to hang: a local SQS-compatible server may carry only tens of events a
+    /// second on a busy machine.
+    pub fn timeout(&self, events: i64) -> Duration {
+        let slowest = match self {
+            Broker::Sqs { .. } => 20,
+            _ => 500,
+        };
+        Duration::from_secs((events.max(0) as u64 / slowest).max(120))
+    }
+
     /// The three backends, each either ready or skipped with the reason.
     pub async fn all() -> Vec<Result<Broker, (&'static str, String)>> {
         vec![Ok(Broker::Postgres), nats().await, sqs()]
@@ -139,6 +150,11 @@ pub struct FreshQueue {
 }
 
 impl FreshQueue {
+    /// [`Broker::timeout`] of its backend.
+    pub fn timeout(&self, events: i64) -> Duration {
+        self.broker.timeout(events)
+    }
+
     /// Opens it (a broker's stream or queue is created when missing).
     pub async fn open(&self, analytics: &PgPool) -> anyhow::Result<Arc<dyn Queue>> {
         Ok(crate::queue::open(&self.spec, analytics, &self.options).await?)

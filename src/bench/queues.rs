@@ -81,7 +81,7 @@ async fn one_queue(
     };
     let (template, backlog) = super::drain::template(server, events).await?;
     let drained = match sample(&template).await {
-        Ok(messages) => drain(server, &template, backlog, timeout(broker, backlog), broker)
+        Ok(messages) => drain(server, &template, backlog, broker)
             .await
             .map(|rate| (messages, rate)),
         Err(error) => Err(error),
@@ -105,16 +105,6 @@ async fn one_queue(
     }
     let load = (super::freshness::EVENTS_PER_SECOND as f64).min(carried / 2.0) as u64;
     freshness(server, scale, broker, load, report).await
-}
-
-/// Longest a drain (or the SQS ceiling) of `events` may take: a local SQS-compatible
-/// server may carry only tens of events a second on a busy machine.
-fn timeout(broker: &Broker, events: i64) -> Duration {
-    let slowest = match broker {
-        Broker::Sqs { .. } => 20,
-        _ => 500,
-    };
-    Duration::from_secs((events as u64 / slowest).max(120))
 }
 
 /// An outbox row as the relay reads it: id, type, aggregate, xid, creation time, payload.
@@ -159,12 +149,11 @@ async fn drain(
     server: &str,
     template: &BenchDb,
     backlog: i64,
-    timeout: Duration,
     broker: &Broker,
 ) -> anyhow::Result<f64> {
     let db = super::drain::copy(server, template, "queues").await?;
     let queue = broker.fresh()?;
-    let drained = drain_on(&db, backlog, timeout, &queue).await;
+    let drained = drain_on(&db, backlog, &queue).await;
     queue.remove_or_warn().await;
     let _ = std::fs::remove_dir_all(std::env::temp_dir().join(&db.name));
     db.drop_db().await?;
@@ -186,16 +175,11 @@ fn spawn_run(db: &BenchDb, queue: &FreshQueue, log: &std::path::Path) -> anyhow:
         .spawn()?)
 }
 
-async fn drain_on(
-    db: &BenchDb,
-    backlog: i64,
-    timeout: Duration,
-    queue: &FreshQueue,
-) -> anyhow::Result<f64> {
+async fn drain_on(db: &BenchDb, backlog: i64, queue: &FreshQueue) -> anyhow::Result<f64> {
     let pool = db.pool(2).await?;
     let log = std::env::temp_dir().join(format!("{}-run.log", db.name));
     let mut child = spawn_run(db, queue, &log)?;
-    let timed = time_drain(&pool, backlog, timeout, &mut child, &log).await;
+    let timed = time_drain(&pool, backlog, queue.timeout(backlog), &mut child, &log).await;
     let _ = child.start_kill();
     let _ = child.wait().await;
     let took = timed?;
@@ -300,7 +284,7 @@ async fn ceiling(
     report: &mut Report,
 ) -> anyhow::Result<f64> {
     let queue = broker.fresh()?;
-    let timeout = timeout(broker, backlog);
+    let timeout = broker.timeout(backlog);
     let measured = super::sqs_ceiling::measure(&queue, messages, backlog as usize, timeout).await;
     queue.remove_or_warn().await;
     let ceiling = measured?;

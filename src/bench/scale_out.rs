@@ -263,7 +263,7 @@ async fn template(server: &str, events: i64) -> anyhow::Result<(BenchDb, i64)> {
     Ok((db, backlog))
 }
 
-/// Longest a step (writing, relaying or draining the backlog) may take.
+/// Longest writing the backlog may take (relaying and draining it: `FreshQueue::timeout`).
 fn timeout(events: i64) -> Duration {
     Duration::from_secs((events as u64 / 500).max(120))
 }
@@ -336,9 +336,9 @@ async fn drain(
     while outbox(&pool).await? > 0 {
         still_running(&mut children)?;
         anyhow::ensure!(
-            started.elapsed() < timeout(backlog),
+            started.elapsed() < queue.timeout(backlog),
             "the relay did not empty the outbox within {:?}",
-            timeout(backlog)
+            queue.timeout(backlog)
         );
         tokio::time::sleep(POLL_EVERY).await;
     }
@@ -372,9 +372,9 @@ async fn drain(
         }
         still_running(&mut children)?;
         anyhow::ensure!(
-            started.elapsed() < timeout(backlog),
+            started.elapsed() < queue.timeout(backlog),
             "{processes} worker process(es) did not drain {backlog} events within {:?}",
-            timeout(backlog)
+            queue.timeout(backlog)
         );
         tokio::time::sleep(SAMPLE_EVERY).await;
     };
