@@ -293,8 +293,9 @@ async fn ceiling(
         SECTION,
         format!(
             "sqs: server ceiling, a plain AWS SDK loop on a fresh queue (SendMessageBatch of \
-             10 while ReceiveMessage of 10 + DeleteMessageBatch, {} calls in flight each, \
-             {backlog} messages sampled from the backlog, bodies of {mean} bytes on average)",
+             10 while ReceiveMessage of 10, short polls, + DeleteMessageBatch, {} calls in \
+             flight each, {backlog} messages sampled from the backlog, bodies of {mean} bytes \
+             on average)",
             crate::queue::sqs::PARALLEL_CALLS
         ),
         format!("{ceiling:.0} events/s"),
