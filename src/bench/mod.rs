@@ -70,6 +70,9 @@ pub struct Scale {
     /// Events drained through SQS, and sent through the SQS server alone: smaller, as a
     /// local SQS-compatible server carries far fewer events per second than the others.
     pub queues_sqs_backlog: i64,
+    /// Longest a drain through a queue backend is watched: one that has not finished by
+    /// then is reported with the events applied so far (a slow local SQS server).
+    pub queues_drain_cap_seconds: u64,
     /// Length of the freshness run through each queue backend.
     pub queues_freshness_seconds: u64,
     /// Workload events drained by 1, 2 and 4 worker processes through NATS, and through SQS.
@@ -91,6 +94,7 @@ impl Scale {
                 scale_out_backlog: 10_000,
                 queues_backlog: 5_000,
                 queues_sqs_backlog: 200,
+                queues_drain_cap_seconds: 30,
                 queues_freshness_seconds: 3,
                 queues_scale_out_backlog: 5_000,
                 queues_sqs_scale_out_backlog: 100,
@@ -107,6 +111,7 @@ impl Scale {
                 scale_out_backlog: 200_000,
                 queues_backlog: 200_000,
                 queues_sqs_backlog: 10_000,
+                queues_drain_cap_seconds: 180,
                 queues_freshness_seconds: 30,
                 queues_scale_out_backlog: 50_000,
                 queues_sqs_scale_out_backlog: 3_000,
@@ -243,6 +248,12 @@ impl DrainClock {
             return None;
         }
         (processed >= backlog).then(|| now - self.idle_until)
+    }
+
+    /// The time since the last sample that found nothing applied (for a drain stopped
+    /// before it finished).
+    pub fn so_far(&self) -> std::time::Duration {
+        self.idle_until.elapsed()
     }
 }
 

@@ -3,11 +3,14 @@
 //!
 //! Per backend: drain throughput of `crm-analytics run` (a child process with default
 //! settings, as a user runs it) on a copy of one backlog (a smaller one for SQS, whose
-//! local server is far slower), timed by [`DrainClock`] and verified exact against the CRM afterwards; for SQS the server's own ceiling
-//! (`sqs_ceiling`) and the drain's ratio to it; freshness under a steady load (section 3's
-//! measurement through that queue) of 2,000 events/s, or half the drain throughput
-//! measured through that queue when that is less, so that the load is one the queue
-//! carries. Then 1, 2 and 4 worker processes through NATS and SQS, archiving locally
+//! local server is far slower), timed by [`DrainClock`] and verified exact against the
+//! CRM afterwards. A drain is watched for a bounded time: one not finished by then (the
+//! local SQS server can be that slow) is reported with the events applied so far,
+//! unverified, and its log is kept. For SQS also the server's own ceiling
+//! (`sqs_ceiling`) and the drain's ratio to it. Then freshness under a steady load
+//! (section 3's measurement through that queue) of 2,000 events/s, or half of what the
+//! queue carried above when that is less, so that the load is one the queue keeps up
+//! with. Last, 1, 2 and 4 worker processes through NATS and SQS, archiving locally
 //! (section 7's runs; section 7 has PostgreSQL's, and compares the archives).
 
 use sqlx::PgPool;
@@ -79,23 +82,33 @@ async fn one_queue(
         Broker::Sqs { .. } => scale.queues_sqs_backlog,
         _ => scale.queues_backlog,
     };
+    let cap = Duration::from_secs(scale.queues_drain_cap_seconds);
     let (template, backlog) = super::drain::template(server, events).await?;
     let drained = match sample(&template).await {
-        Ok(messages) => drain(server, &template, backlog, broker)
+        Ok(messages) => drain(server, &template, backlog, broker, cap)
             .await
-            .map(|rate| (messages, rate)),
+            .map(|drained| (messages, drained)),
         Err(error) => Err(error),
     };
     template.drop_db().await?;
-    let (messages, rate) = drained?;
+    let (messages, drained) = drained?;
+    let rate = drained.events_per_second;
     let target = match broker {
         Broker::Sqs { .. } => None,
         _ => Some(("at least 25,000 events/s".into(), rate >= DRAIN_TARGET)),
     };
+    let value = match drained.applied < backlog {
+        true => format!(
+            "{rate:.0} events/s (stopped after {} s with {} applied, not verified)",
+            cap.as_secs(),
+            drained.applied
+        ),
+        false => format!("{rate:.0} events/s"),
+    };
     report.add(
         SECTION,
         format!("{name}: drain throughput ({backlog} events)"),
-        format!("{rate:.0} events/s"),
+        value,
         target,
     );
     // What the queue carries: the drain, and for SQS the server's own ceiling when lower.
@@ -144,16 +157,25 @@ async fn sample(template: &BenchDb) -> anyhow::Result<Vec<Message>> {
     Ok(messages)
 }
 
-/// Drains a copy of the backlog through a fresh queue of `broker`; events/s.
+/// What a drain measured.
+struct Drained {
+    events_per_second: f64,
+    /// Events applied: all of the backlog, unless the drain was stopped at the cap.
+    applied: i64,
+}
+
+/// Drains a copy of the backlog through a fresh queue of `broker`, watched for at most
+/// `cap`.
 async fn drain(
     server: &str,
     template: &BenchDb,
     backlog: i64,
     broker: &Broker,
-) -> anyhow::Result<f64> {
+    cap: Duration,
+) -> anyhow::Result<Drained> {
     let db = super::drain::copy(server, template, "queues").await?;
     let queue = broker.fresh()?;
-    let drained = drain_on(&db, backlog, &queue).await;
+    let drained = drain_on(&db, backlog, &queue, cap).await;
     queue.remove_or_warn().await;
     let _ = std::fs::remove_dir_all(std::env::temp_dir().join(&db.name));
     db.drop_db().await?;
@@ -175,35 +197,54 @@ fn spawn_run(db: &BenchDb, queue: &FreshQueue, log: &std::path::Path) -> anyhow:
         .spawn()?)
 }
 
-async fn drain_on(db: &BenchDb, backlog: i64, queue: &FreshQueue) -> anyhow::Result<f64> {
+async fn drain_on(
+    db: &BenchDb,
+    backlog: i64,
+    queue: &FreshQueue,
+    cap: Duration,
+) -> anyhow::Result<Drained> {
     let pool = db.pool(2).await?;
     let log = std::env::temp_dir().join(format!("{}-run.log", db.name));
     let mut child = spawn_run(db, queue, &log)?;
-    let timed = time_drain(&pool, backlog, queue.timeout(backlog), &mut child, &log).await;
+    let timed = time_drain(&pool, backlog, cap, &mut child, &log).await;
     let _ = child.start_kill();
     let _ = child.wait().await;
-    let took = timed?;
-    let found = crate::aggregates::verify::verify(&pool, &pool, "public", 3).await?;
-    anyhow::ensure!(
-        found.differences == 0,
-        "after the drain through {}, {} aggregate rows differ from the CRM, first: {:?}",
-        queue.spec,
-        found.differences,
-        found.shown
-    );
+    let (took, applied) = timed?;
+    if applied < backlog {
+        // Kept: it says why (the relay's and workers' warnings).
+        println!(
+            "  (stopped after {cap:?} with {applied} of {backlog} events applied through {}; \
+             the log of `crm-analytics run`: {})",
+            queue.spec,
+            log.display()
+        );
+    } else {
+        let found = crate::aggregates::verify::verify(&pool, &pool, "public", 3).await?;
+        anyhow::ensure!(
+            found.differences == 0,
+            "after the drain through {}, {} aggregate rows differ from the CRM, first: {:?}",
+            queue.spec,
+            found.differences,
+            found.shown
+        );
+        let _ = std::fs::remove_file(&log);
+    }
     pool.close().await;
-    let _ = std::fs::remove_file(&log);
-    Ok(backlog as f64 / took.as_secs_f64().max(f64::EPSILON))
+    Ok(Drained {
+        events_per_second: applied as f64 / took.as_secs_f64().max(f64::EPSILON),
+        applied,
+    })
 }
 
-/// Waits until `backlog` events are applied; returns how long they took ([`DrainClock`]).
+/// Waits until `backlog` events are applied, or `cap` has passed; returns how long they
+/// took ([`DrainClock`]) and how many were applied.
 async fn time_drain(
     pool: &PgPool,
     backlog: i64,
-    timeout: Duration,
+    cap: Duration,
     child: &mut Child,
     log: &std::path::Path,
-) -> anyhow::Result<Duration> {
+) -> anyhow::Result<(Duration, i64)> {
     let started = Instant::now();
     let mut clock = DrainClock::start();
     loop {
@@ -215,7 +256,10 @@ async fn time_drain(
         .fetch_one(pool)
         .await?;
         if let Some(took) = clock.sample(processed, backlog) {
-            return Ok(took);
+            return Ok((took, processed));
+        }
+        if started.elapsed() >= cap {
+            return Ok((clock.so_far(), processed));
         }
         if let Some(status) = child.try_wait()? {
             anyhow::bail!(
@@ -223,11 +267,6 @@ async fn time_drain(
                 log.display()
             );
         }
-        anyhow::ensure!(
-            started.elapsed() < timeout,
-            "{backlog} events were not drained within {timeout:?}; log: {}",
-            log.display()
-        );
         tokio::time::sleep(SAMPLE_EVERY).await;
     }
 }
