@@ -16,7 +16,7 @@ use crate::queue::{Queue, QueueOptions, QueueSpec};
 const SECTION: &str = "2. Drain throughput and memory";
 
 /// Builds a database with capture attached and a backlog of about `events` mixed events.
-async fn template(server: &str, events: i64) -> anyhow::Result<(BenchDb, i64)> {
+pub(super) async fn template(server: &str, events: i64) -> anyhow::Result<(BenchDb, i64)> {
     let db = BenchDb::create(server, "backlog").await?;
     let pool = db.pool(2).await?;
     crate::migrate::all(&pool, &pool, "public", true).await?;

@@ -1,26 +1,64 @@
 //! Freshness under load: steady CRM writes at a fixed event rate while probes measure the
-//! time from a commit to its change being visible through the REST API.
+//! time from a commit to its change being visible through the REST API. [`measure`] is
+//! shared with section 8, which runs it through each queue backend.
 
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
+use super::brokers::FreshQueue;
 use super::{percentile, BenchDb, Report, Scale};
 
 const SECTION: &str = "3. Freshness under load (commit to visible through the API)";
-const EVENTS_PER_SECOND: u64 = 2_000;
+pub(super) const EVENTS_PER_SECOND: u64 = 2_000;
 const LEADS_PER_TRANSACTION: u64 = 10;
 const TOKEN: &str = "bench";
 
-pub async fn run(server: &str, scale: Scale, report: &mut Report) -> anyhow::Result<()> {
-    println!("{SECTION}");
+/// What a freshness run measured.
+pub(super) struct Freshness {
+    /// CRM events/s the steady load achieved.
+    pub rate: f64,
+    /// Commit to visible of every probe, sorted.
+    pub samples: Vec<Duration>,
+}
+
+impl Freshness {
+    pub fn p50(&self) -> Duration {
+        percentile(&self.samples, 0.5)
+    }
+
+    pub fn p99(&self) -> Duration {
+        percentile(&self.samples, 0.99)
+    }
+}
+
+/// Runs the pipeline and the API in this process on a database of its own, through
+/// `queue` (None: the default queue), for `seconds` under a steady load of `rate` CRM
+/// events/s (in transactions of ten).
+pub(super) async fn measure(
+    server: &str,
+    seconds: u64,
+    rate: u64,
+    queue: Option<&FreshQueue>,
+) -> anyhow::Result<Freshness> {
     let db = BenchDb::create(server, "fresh").await?;
+    let measured = measure_on(&db, seconds, rate, queue).await;
+    db.drop_db().await?;
+    measured
+}
+
+async fn measure_on(
+    db: &BenchDb,
+    seconds: u64,
+    rate: u64,
+    queue: Option<&FreshQueue>,
+) -> anyhow::Result<Freshness> {
     let writers = db.pool(4).await?;
     crate::migrate::all(&writers, &writers, "public", true).await?;
     sqlx::raw_sql("INSERT INTO accounts (name) SELECT 'a' || i FROM generate_series(1, 100) i")
         .execute(&writers)
         .await?;
 
-    let running = super::InProcess::start(&db).await?;
+    let running = super::InProcess::start_on(db, queue).await?;
     let pipeline = running.pipeline.clone();
     let stop = running.stop.clone();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -42,7 +80,7 @@ pub async fn run(server: &str, scale: Scale, report: &mut Report) -> anyhow::Res
         let (pool, stop) = (writers.clone(), load_stop.clone());
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_micros(
-                1_000_000 * LEADS_PER_TRANSACTION / EVENTS_PER_SECOND,
+                1_000_000 * LEADS_PER_TRANSACTION / rate.max(1),
             ));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut events = 0u64;
@@ -66,7 +104,7 @@ pub async fn run(server: &str, scale: Scale, report: &mut Report) -> anyhow::Res
     let started = Instant::now();
     let mut samples = Vec::new();
     let mut probe = 0u64;
-    while started.elapsed() < Duration::from_secs(scale.freshness_seconds) {
+    while started.elapsed() < Duration::from_secs(seconds) {
         probe += 1;
         let source = format!("probe-{probe}");
         sqlx::query("INSERT INTO leads (source) VALUES ($1)")
@@ -97,11 +135,21 @@ pub async fn run(server: &str, scale: Scale, report: &mut Report) -> anyhow::Res
     }
     load_stop.cancel();
     let events = load.await?;
-    let rate = events as f64 / started.elapsed().as_secs_f64();
+    let achieved = events as f64 / started.elapsed().as_secs_f64();
     running.stop().await?;
     server_task.await??;
+    writers.close().await;
     samples.sort();
-    let (p50, p99) = (percentile(&samples, 0.5), percentile(&samples, 0.99));
+    Ok(Freshness {
+        rate: achieved,
+        samples,
+    })
+}
+
+pub async fn run(server: &str, scale: Scale, report: &mut Report) -> anyhow::Result<()> {
+    println!("{SECTION}");
+    let measured = measure(server, scale.freshness_seconds, EVENTS_PER_SECOND, None).await?;
+    let (rate, p50, p99) = (measured.rate, measured.p50(), measured.p99());
     report.add(
         SECTION,
         "steady load achieved",
@@ -112,7 +160,7 @@ pub async fn run(server: &str, scale: Scale, report: &mut Report) -> anyhow::Res
         SECTION,
         format!(
             "probes: commit to visible in /api/funnel-metrics/ ({} samples), p50",
-            samples.len()
+            measured.samples.len()
         ),
         format!("{:.1} ms", p50.as_secs_f64() * 1000.0),
         Some(("under 50 ms".into(), p50 < Duration::from_millis(50))),
@@ -123,7 +171,5 @@ pub async fn run(server: &str, scale: Scale, report: &mut Report) -> anyhow::Res
         format!("{:.1} ms", p99.as_secs_f64() * 1000.0),
         Some(("under 250 ms".into(), p99 < Duration::from_millis(250))),
     );
-    writers.close().await;
-    db.drop_db().await?;
     Ok(())
 }

@@ -6,14 +6,17 @@
 //! local one), and drops them afterwards.
 
 mod api_load;
+mod brokers;
 mod capture_cost;
 mod drain;
 mod freshness;
 mod materialized_views;
 mod memory;
 mod plot;
+mod queues;
 mod report;
 mod scale_out;
+mod sqs_ceiling;
 
 use clap::Args;
 use sqlx::{Connection, PgConnection, PgPool};
@@ -44,6 +47,7 @@ pub enum Measure {
     Api,
     Memory,
     ScaleOut,
+    Queues,
 }
 
 /// Sizes of one run.
@@ -61,6 +65,19 @@ pub struct Scale {
     pub steady_seconds: u64,
     /// Workload events drained by 1, 2 and 4 worker processes.
     pub scale_out_backlog: i64,
+    /// Events drained through the PostgreSQL and NATS queues.
+    pub queues_backlog: i64,
+    /// Events drained through SQS, and sent through the SQS server alone: smaller, as a
+    /// local SQS-compatible server carries far fewer events per second than the others.
+    pub queues_sqs_backlog: i64,
+    /// Longest a drain through a queue backend is watched: one that has not finished by
+    /// then is reported with the events applied so far (a slow local SQS server).
+    pub queues_drain_cap_seconds: u64,
+    /// Length of the freshness run through each queue backend.
+    pub queues_freshness_seconds: u64,
+    /// Workload events drained by 1, 2 and 4 worker processes through NATS, and through SQS.
+    pub queues_scale_out_backlog: i64,
+    pub queues_sqs_scale_out_backlog: i64,
 }
 
 impl Scale {
@@ -75,6 +92,12 @@ impl Scale {
                 mv_changes: 400,
                 steady_seconds: 20,
                 scale_out_backlog: 10_000,
+                queues_backlog: 5_000,
+                queues_sqs_backlog: 200,
+                queues_drain_cap_seconds: 30,
+                queues_freshness_seconds: 3,
+                queues_scale_out_backlog: 5_000,
+                queues_sqs_scale_out_backlog: 100,
             }
         } else {
             Self {
@@ -86,6 +109,12 @@ impl Scale {
                 mv_changes: 4_000,
                 steady_seconds: 600,
                 scale_out_backlog: 200_000,
+                queues_backlog: 200_000,
+                queues_sqs_backlog: 10_000,
+                queues_drain_cap_seconds: 180,
+                queues_freshness_seconds: 30,
+                queues_scale_out_backlog: 50_000,
+                queues_sqs_scale_out_backlog: 3_000,
             }
         }
     }
@@ -142,7 +171,17 @@ pub struct InProcess {
 }
 
 impl InProcess {
+    /// Through the default (embedded PostgreSQL) queue.
     pub async fn start(db: &BenchDb) -> anyhow::Result<Self> {
+        Self::start_on(db, None).await
+    }
+
+    /// Through `queue` when given (a broker's fresh stream or queue, opened with its own
+    /// options and credentials), else the default queue.
+    pub async fn start_on(
+        db: &BenchDb,
+        queue: Option<&brokers::FreshQueue>,
+    ) -> anyhow::Result<Self> {
         let dbargs = crate::config::DatabaseArgs {
             database_url: Some(db.url.clone()),
             analytics_database_url: None,
@@ -153,8 +192,17 @@ impl InProcess {
         let mut args = crate::config::PipelineArgs::from_env();
         let archive = std::env::temp_dir().join(&db.name);
         args.archive = archive.to_string_lossy().into_owned();
-        let pipeline =
-            std::sync::Arc::new(crate::pipeline::Pipeline::connect(&dbargs, &args).await?);
+        let pipeline = match queue {
+            None => crate::pipeline::Pipeline::connect(&dbargs, &args).await?,
+            Some(queue) => {
+                let roles = crate::pipeline::Roles::ALL;
+                let (crm, analytics) =
+                    crate::pipeline::connect_pools(&dbargs, &args, roles, false).await?;
+                let opened = queue.open(&analytics).await?;
+                crate::pipeline::Pipeline::assemble(crm, analytics, opened, &args)?
+            }
+        };
+        let pipeline = std::sync::Arc::new(pipeline);
         let stop = tokio_util::sync::CancellationToken::new();
         let running = pipeline.spawn_all(stop.clone());
         Ok(Self {
@@ -172,6 +220,40 @@ impl InProcess {
         self.pipeline.analytics.close().await;
         let _ = std::fs::remove_dir_all(&self.archive);
         Ok(())
+    }
+}
+
+/// Times a drain from samples of the events applied so far: from the last sample that found
+/// none applied to the first that found them all. Starting the processes (connecting,
+/// checking the schema) is not counted, the first batch is, and a drain always spans at
+/// least one sample interval, however few batches it takes.
+pub struct DrainClock {
+    idle_until: std::time::Instant,
+}
+
+impl DrainClock {
+    /// Started when the draining processes are.
+    pub fn start() -> Self {
+        Self {
+            idle_until: std::time::Instant::now(),
+        }
+    }
+
+    /// Takes a sample of `processed` events applied; once all `backlog` are, the time the
+    /// drain took.
+    pub fn sample(&mut self, processed: i64, backlog: i64) -> Option<std::time::Duration> {
+        let now = std::time::Instant::now();
+        if processed <= 0 {
+            self.idle_until = now;
+            return None;
+        }
+        (processed >= backlog).then(|| now - self.idle_until)
+    }
+
+    /// The time since the last sample that found nothing applied (for a drain stopped
+    /// before it finished).
+    pub fn so_far(&self) -> std::time::Duration {
+        self.idle_until.elapsed()
     }
 }
 
@@ -238,6 +320,9 @@ pub async fn run(database_url: Option<&str>, args: BenchArgs) -> anyhow::Result<
     }
     if wanted(Measure::ScaleOut) {
         scale_out::run(&server, scale, &mut report).await?;
+    }
+    if wanted(Measure::Queues) {
+        queues::run(&server, scale, &mut report).await?;
     }
     report.print();
     report.write(&args.output)?;

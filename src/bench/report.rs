@@ -121,12 +121,16 @@ impl Report {
             md,
             "Sizes: backlog {} events, bulk statement {} rows, OLTP runs of {} s, freshness run of {} s, \
              materialized views at {:?} CRM rows with {} CRM transactions each, steady run of {} s, \
-             scale-out backlog {} events. \
+             scale-out backlog {} events; through the queue backends a backlog of {} events ({} \
+             through SQS, each drain watched for at most {} s), freshness runs of {} s and a \
+             scale-out backlog of {} events ({} through SQS). \
              Every comparison ran side by side in this run; ratios matter more than absolute numbers, \
              which drift on a shared machine.\n",
             self.scale.backlog, self.scale.bulk_rows, self.scale.oltp_seconds, self.scale.freshness_seconds,
             self.scale.mv_sizes, self.scale.mv_changes, self.scale.steady_seconds,
-            self.scale.scale_out_backlog
+            self.scale.scale_out_backlog, self.scale.queues_backlog, self.scale.queues_sqs_backlog,
+            self.scale.queues_drain_cap_seconds, self.scale.queues_freshness_seconds, self.scale.queues_scale_out_backlog,
+            self.scale.queues_sqs_scale_out_backlog
         );
         let plot_dir = path.parent().unwrap_or(Path::new("")).join(PLOT_DIR);
         let mut sections: Vec<&'static str> = Vec::new();

@@ -3,6 +3,9 @@
 //! `crm-analytics worker` processes, with the archive in a local folder and, when an
 //! S3-compatible server is configured (`CRM_ANALYTICS_TEST_AWS_ENDPOINT`), in S3.
 //!
+//! Every drain goes through a fresh stream or queue of its own (`brokers`), so that a run
+//! through NATS or SQS (section 8 runs those) never sees what an earlier one left.
+//!
 //! Reports events/s of the workers, the ratio to one process, and how many apply
 //! transactions were waiting on a lock (pg_stat_activity, sampled): the serialization on
 //! shared rows that would keep more processes from being faster. Every run ends with a
@@ -16,8 +19,8 @@ use std::time::{Duration, Instant};
 use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 
+use super::brokers::{Broker, FreshQueue};
 use super::{BenchDb, Report, Scale};
-use crate::queue::QueueSpec;
 use crate::workload::{WorkloadConfig, WorkloadStats};
 
 const SECTION: &str = "7. Scale-out over worker processes";
@@ -90,31 +93,57 @@ struct Drained {
 
 /// Runs the section through the default (PostgreSQL) queue.
 pub async fn run(server: &str, scale: Scale, report: &mut Report) -> anyhow::Result<()> {
-    run_with_queue(server, scale, report, &QueueSpec::default()).await
+    println!("{SECTION}");
+    let rows = Rows {
+        section: SECTION,
+        prefix: String::new(),
+        s3_archive: true,
+    };
+    run_with_queue(
+        server,
+        scale.scale_out_backlog,
+        report,
+        &Broker::Postgres,
+        &rows,
+    )
+    .await
 }
 
-/// Runs the section through `queue` (the processes get it as CRM_ANALYTICS_QUEUE).
+/// Where the rows of a run go: this section's table, or another's with the backend's name
+/// before each row; and whether to run with the archive on S3 too (when a server is set).
+pub struct Rows {
+    pub section: &'static str,
+    pub prefix: String,
+    pub s3_archive: bool,
+}
+
+/// Drains a backlog of about `events` with 1, 2 and 4 processes through fresh queues of
+/// `broker` (the processes get each as CRM_ANALYTICS_QUEUE).
 pub async fn run_with_queue(
     server: &str,
-    scale: Scale,
+    events: i64,
     report: &mut Report,
-    queue: &QueueSpec,
+    broker: &Broker,
+    rows: &Rows,
 ) -> anyhow::Result<()> {
-    println!("{SECTION}");
-    let (template, backlog) = template(server, scale.scale_out_backlog).await?;
+    let (template, backlog) = template(server, events).await?;
     report.add(
-        SECTION,
+        rows.section,
         format!(
-            "backlog: random workload events, relayed through the {queue} queue before the \
+            "{}backlog: random workload events, relayed through a fresh {} queue before the \
              workers start (events/s of the workers, ratio to 1 process, apply transactions \
              waiting on a lock: mean of pg_stat_activity samples); {WORKERS_PER_PROCESS} \
-             worker per process"
+             worker per process",
+            rows.prefix,
+            broker.name()
         ),
         backlog.to_string(),
         None,
     );
     let mut targets = vec![ArchiveTarget::Local];
-    if let Some(endpoint) = aws_endpoint() {
+    if !rows.s3_archive {
+        // Only the local archive: the caller compares something else.
+    } else if let Some(endpoint) = aws_endpoint() {
         let bucket = format!(
             "crm-analytics-bench-{}",
             &uuid::Uuid::new_v4().simple().to_string()[..8]
@@ -123,15 +152,18 @@ pub async fn run_with_queue(
         targets.push(ArchiveTarget::S3 { endpoint, bucket });
     } else {
         report.add(
-            SECTION,
-            "S3 archive (CRM_ANALYTICS_TEST_AWS_ENDPOINT not set)",
+            rows.section,
+            format!(
+                "{}S3 archive (CRM_ANALYTICS_TEST_AWS_ENDPOINT not set)",
+                rows.prefix
+            ),
             "skipped",
             None,
         );
     }
     let mut outcome = Ok(());
     for target in &targets {
-        outcome = runs(server, &template, backlog, target, queue, report).await;
+        outcome = runs(server, &template, backlog, target, broker, rows, report).await;
         if outcome.is_err() {
             break;
         }
@@ -147,19 +179,22 @@ pub async fn run_with_queue(
     outcome
 }
 
-/// The drains with 1, 2 and 4 processes archiving to `target`.
+/// The drains with 1, 2 and 4 processes archiving to `target`, each through a fresh queue.
 async fn runs(
     server: &str,
     template: &BenchDb,
     backlog: i64,
     target: &ArchiveTarget,
-    queue: &QueueSpec,
+    broker: &Broker,
+    rows: &Rows,
     report: &mut Report,
 ) -> anyhow::Result<()> {
     let mut single = None;
     for processes in PROCESSES {
         let db = super::drain::copy(server, template, "scaleout").await?;
-        let drained = drain(&db, backlog, processes, target, queue).await;
+        let queue = broker.fresh()?;
+        let drained = drain(&db, backlog, processes, target, &queue).await;
+        queue.remove_or_warn().await;
         if matches!(target, ArchiveTarget::Local) {
             let _ = std::fs::remove_dir_all(local_folder(&db));
         }
@@ -170,8 +205,12 @@ async fn runs(
         let target_row = (processes > 1).then(|| ("above 1.00x".to_string(), ratio > 1.0));
         let plural = if processes == 1 { "" } else { "es" };
         report.add(
-            SECTION,
-            format!("{}, {processes} worker process{plural}", target.label()),
+            rows.section,
+            format!(
+                "{}{}, {processes} worker process{plural}",
+                rows.prefix,
+                target.label()
+            ),
             format!(
                 "{rate:.0} events/s ({ratio:.2}x), {:.2} waiting on a lock",
                 drained.lock_waiters
@@ -224,7 +263,7 @@ async fn template(server: &str, events: i64) -> anyhow::Result<(BenchDb, i64)> {
     Ok((db, backlog))
 }
 
-/// Longest a step (writing, relaying or draining the backlog) may take.
+/// Longest writing the backlog may take (relaying and draining it: `FreshQueue::timeout`).
 fn timeout(events: i64) -> Duration {
     Duration::from_secs((events as u64 / 500).max(120))
 }
@@ -242,7 +281,7 @@ fn spawn(
     db: &BenchDb,
     command: &str,
     target: &ArchiveTarget,
-    queue: &QueueSpec,
+    queue: &FreshQueue,
     capacity: i64,
     log: &std::path::Path,
 ) -> anyhow::Result<Child> {
@@ -254,7 +293,7 @@ fn spawn(
         .env_remove("ANALYTICS_DATABASE_URL")
         .env("CRM_ANALYTICS_ARCHIVE", target.location(db))
         .env("CRM_ANALYTICS_WORKERS", WORKERS_PER_PROCESS.to_string())
-        .env("CRM_ANALYTICS_QUEUE", queue.to_string())
+        .envs(queue.env.iter().cloned())
         // Room for the whole backlog: the relay fills the queue before the workers start.
         .env("CRM_ANALYTICS_QUEUE_CAPACITY", capacity.to_string())
         .env("RUST_LOG", "warn")
@@ -282,7 +321,7 @@ async fn drain(
     backlog: i64,
     processes: usize,
     target: &ArchiveTarget,
-    queue: &QueueSpec,
+    queue: &FreshQueue,
 ) -> anyhow::Result<Drained> {
     let pool = db.pool(2).await?;
     let capacity = backlog.saturating_mul(2).max(200_000);
@@ -297,9 +336,9 @@ async fn drain(
     while outbox(&pool).await? > 0 {
         still_running(&mut children)?;
         anyhow::ensure!(
-            started.elapsed() < timeout(backlog),
+            started.elapsed() < queue.timeout(backlog),
             "the relay did not empty the outbox within {:?}",
-            timeout(backlog)
+            queue.timeout(backlog)
         );
         tokio::time::sleep(POLL_EVERY).await;
     }
@@ -311,12 +350,10 @@ async fn drain(
             spawn(db, "worker", target, queue, capacity, &worker_log)?,
         ));
     }
-    // Timed from the first applied event to the last, so that starting the processes
-    // (connecting, checking the schema) is not counted as draining.
     let started = Instant::now();
-    let mut first: Option<(Instant, i64)> = None;
+    let mut clock = super::DrainClock::start();
     let (mut samples, mut waiting) = (0u64, 0i64);
-    let (since, applied) = loop {
+    let took = loop {
         // Backend-independent progress: every applied event is counted once in
         // event_counts, in the transaction that applies it.
         let (processed, waiters): (i64, i64) = sqlx::query_as(
@@ -326,21 +363,18 @@ async fn drain(
         )
         .fetch_one(&pool)
         .await?;
-        let now = Instant::now();
-        if let Some((since, before)) = first {
+        if processed > 0 {
             samples += 1;
             waiting += waiters;
-            if processed >= backlog {
-                break (now - since, processed - before);
-            }
-        } else if processed > 0 {
-            first = Some((now, processed));
+        }
+        if let Some(took) = clock.sample(processed, backlog) {
+            break took;
         }
         still_running(&mut children)?;
         anyhow::ensure!(
-            started.elapsed() < timeout(backlog),
+            started.elapsed() < queue.timeout(backlog),
             "{processes} worker process(es) did not drain {backlog} events within {:?}",
-            timeout(backlog)
+            queue.timeout(backlog)
         );
         tokio::time::sleep(SAMPLE_EVERY).await;
     };
@@ -357,17 +391,13 @@ async fn drain(
         found.shown
     );
     pool.close().await;
-    anyhow::ensure!(
-        applied > 0 && !since.is_zero(),
-        "{backlog} events drained between two samples: too few to time"
-    );
     for role in
         std::iter::once("relay".to_string()).chain((0..processes).map(|i| format!("worker{i}")))
     {
         let _ = std::fs::remove_file(log(&role));
     }
     Ok(Drained {
-        events_per_second: applied as f64 / since.as_secs_f64().max(f64::EPSILON),
+        events_per_second: backlog as f64 / took.as_secs_f64().max(f64::EPSILON),
         lock_waiters: waiting as f64 / samples.max(1) as f64,
     })
 }

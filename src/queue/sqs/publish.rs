@@ -16,15 +16,15 @@ use crate::queue::{Message, QueueError};
 /// body and each attribute's name, type and value.
 pub const MAX_MESSAGE_BYTES: usize = 256 * 1024;
 /// SQS's limit of entries per batch call.
-pub(super) const MAX_BATCH_ENTRIES: usize = 10;
-/// Batch calls in flight at once per publish.
-pub(super) const PARALLEL_CALLS: usize = 8;
+pub const MAX_BATCH_ENTRIES: usize = 10;
+/// Batch calls in flight at once per publish (and receive calls per batch being filled).
+pub const PARALLEL_CALLS: usize = 8;
 /// Attempts for entries that SQS failed inside an otherwise successful batch call.
 const ENTRY_ATTEMPTS: u32 = 3;
 
 const STRING: &str = "String";
-pub(super) const EVENT_ID: &str = "event_id";
-pub(super) const EVENT_TYPE: &str = "event_type";
+pub const EVENT_ID: &str = "event_id";
+pub const EVENT_TYPE: &str = "event_type";
 
 /// A message ready to send: its body as SQS accepts it and the size SQS counts.
 pub(super) struct Prepared<'a> {
