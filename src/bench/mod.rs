@@ -110,11 +110,11 @@ impl Scale {
                 steady_seconds: 600,
                 scale_out_backlog: 200_000,
                 queues_backlog: 200_000,
-                queues_sqs_backlog: 10_000,
+                queues_sqs_backlog: 1_000,
                 queues_drain_cap_seconds: 180,
                 queues_freshness_seconds: 30,
                 queues_scale_out_backlog: 50_000,
-                queues_sqs_scale_out_backlog: 3_000,
+                queues_sqs_scale_out_backlog: 1_000,
             }
         }
     }

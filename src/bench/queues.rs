@@ -114,7 +114,7 @@ async fn one_queue(
     // What the queue carries: the drain, and for SQS the server's own ceiling when lower.
     let mut carried = rate;
     if matches!(broker, Broker::Sqs { .. }) {
-        carried = carried.min(ceiling(broker, &messages, backlog, rate, report).await?);
+        carried = carried.min(ceiling(broker, &messages, backlog, cap, rate, report).await?);
     }
     let load = (super::freshness::EVENTS_PER_SECOND as f64).min(carried / 2.0) as u64;
     freshness(server, scale, broker, load, report).await
@@ -313,20 +313,21 @@ async fn freshness(
     Ok(())
 }
 
-/// The SQS server's own ceiling on a fresh queue (returned, events/s), and the drain's
-/// ratio to it.
+/// The SQS server's own ceiling on a fresh queue, watched for at most `cap` (returned,
+/// events/s), and the drain's ratio to it.
 async fn ceiling(
     broker: &Broker,
     messages: &[Message],
     backlog: i64,
+    cap: Duration,
     drained: f64,
     report: &mut Report,
 ) -> anyhow::Result<f64> {
     let queue = broker.fresh()?;
-    let timeout = broker.timeout(backlog);
-    let measured = super::sqs_ceiling::measure(&queue, messages, backlog as usize, timeout).await;
+    let measured = super::sqs_ceiling::measure(&queue, messages, backlog as usize, cap).await;
     queue.remove_or_warn().await;
-    let ceiling = measured?;
+    let measured = measured?;
+    let ceiling = measured.events_per_second;
     let mean = messages.iter().map(|m| m.body.len()).sum::<usize>() / messages.len().max(1);
     report.add(
         SECTION,
@@ -337,7 +338,14 @@ async fn ceiling(
              on average)",
             crate::queue::sqs::PARALLEL_CALLS
         ),
-        format!("{ceiling:.0} events/s"),
+        match measured.deleted < backlog as usize {
+            true => format!(
+                "{ceiling:.0} events/s (stopped after {} s with {} deleted)",
+                cap.as_secs(),
+                measured.deleted
+            ),
+            false => format!("{ceiling:.0} events/s"),
+        },
         None,
     );
     let ratio = drained / ceiling;
