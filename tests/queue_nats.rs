@@ -521,24 +521,7 @@ async fn a_parked_event_retried_at_once_is_applied() {
     assert_eq!(parked_event.len(), 1);
     // The operator fixes the payload (and the CRM has the lead, written without capture
     // so that the replay is its only event), then retries through the CLI.
-    sqlx::raw_sql(
-        "UPDATE crm_analytics.failed_events
-            SET payload = jsonb_set(payload, '{new,created_at}', '\"2026-01-01T00:00:00+00:00\"')",
-    )
-    .execute(&pool)
-    .await
-    .unwrap();
-    let mut conn = pool.begin().await.unwrap();
-    sqlx::raw_sql("SET LOCAL session_replication_role = replica")
-        .execute(&mut *conn)
-        .await
-        .unwrap();
-    sqlx::query("INSERT INTO leads (id, source, status, created_at) VALUES ($1, 'web', 'new', '2026-01-01 00:00+00')")
-        .bind(lead)
-        .execute(&mut *conn)
-        .await
-        .unwrap();
-    conn.commit().await.unwrap();
+    common::fix_poison_lead(&pool, lead).await;
     let mut command = std::process::Command::new(common::binary());
     command
         .args(["failed", "retry", "--all"])

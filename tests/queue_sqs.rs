@@ -502,24 +502,7 @@ async fn the_pipeline_over_sqs_is_exact_and_replays_parked_events() {
     // variables and --sqs-endpoint: the event is on the queue again.
     // The fixed event stands for a lead the CRM has: written with triggers off (SET LOCAL:
     // this transaction only), so that the replay is its only event.
-    sqlx::raw_sql(
-        "UPDATE crm_analytics.failed_events
-            SET payload = jsonb_set(payload, '{new,created_at}', '\"2026-01-01T00:00:00+00:00\"')",
-    )
-    .execute(&pool)
-    .await
-    .unwrap();
-    let mut conn = pool.begin().await.unwrap();
-    sqlx::raw_sql("SET LOCAL session_replication_role = replica")
-        .execute(&mut *conn)
-        .await
-        .unwrap();
-    sqlx::query("INSERT INTO leads (id, source, status, created_at) VALUES ($1, 'web', 'new', '2026-01-01 00:00+00')")
-        .bind(lead)
-        .execute(&mut *conn)
-        .await
-        .unwrap();
-    conn.commit().await.unwrap();
+    common::fix_poison_lead(&pool, lead).await;
     let output = Command::new(common::binary())
         .args(["failed", "retry", "--all"])
         .env("DATABASE_URL", &db.url)

@@ -560,3 +560,30 @@ pub async fn insert_poison_lead(pool: &PgPool, lead: uuid::Uuid) {
     .await
     .expect("insert a poison event");
 }
+
+/// What an operator does about the event of [`insert_poison_lead`] once it is parked:
+/// corrects its date in failed_events, and the CRM has the lead, written with capture off
+/// (SET LOCAL: this transaction only) so that replaying the parked event is its only event.
+pub async fn fix_poison_lead(pool: &PgPool, lead: uuid::Uuid) {
+    sqlx::raw_sql(
+        "UPDATE crm_analytics.failed_events
+            SET payload = jsonb_set(payload, '{new,created_at}', '\"2026-01-01T00:00:00+00:00\"')",
+    )
+    .execute(pool)
+    .await
+    .expect("fix the parked payload");
+    let mut conn = pool.begin().await.expect("begin");
+    sqlx::raw_sql("SET LOCAL session_replication_role = replica")
+        .execute(&mut *conn)
+        .await
+        .expect("capture off");
+    sqlx::query(
+        "INSERT INTO leads (id, source, status, created_at)
+         VALUES ($1, 'web', 'new', '2026-01-01 00:00+00')",
+    )
+    .bind(lead)
+    .execute(&mut *conn)
+    .await
+    .expect("insert the lead");
+    conn.commit().await.expect("commit");
+}
