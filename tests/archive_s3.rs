@@ -10,8 +10,6 @@ use common::{Running, TestDb};
 use crm_analytics::archive::{Archive, Layout, S3Options};
 use crm_analytics::config::PipelineArgs;
 use crm_analytics::event::Envelope;
-use futures::{StreamExt, TryStreamExt};
-use object_store::ObjectStore;
 use sqlx::PgPool;
 use std::collections::HashSet;
 use std::io::Read;
@@ -32,29 +30,8 @@ async fn start_archiving(db: &TestDb, args: PipelineArgs, archive: Archive) -> R
 /// that each object sits at `{prefix}/events/YYYY/MM/DD/<table>/` of its events' date and
 /// table, in the form of `layout`.
 async fn archived_ids(archive: &Archive, layout: Layout) -> HashSet<Uuid> {
-    let (store, prefix) = archive.store();
-    let objects: Vec<object_store::ObjectMeta> = store
-        .list(Some(&prefix))
-        .try_collect()
-        .await
-        .expect("list the archive");
-    let bodies: Vec<(String, Vec<u8>)> = futures::stream::iter(objects)
-        .map(|meta| {
-            let store = store.clone();
-            async move {
-                let body = store
-                    .get(&meta.location)
-                    .await
-                    .expect("get an archived object")
-                    .bytes()
-                    .await
-                    .expect("read an archived object");
-                (meta.location.to_string(), body.to_vec())
-            }
-        })
-        .buffer_unordered(16)
-        .collect()
-        .await;
+    let (_, prefix) = archive.store();
+    let bodies = common::archived_objects(archive).await;
     let mut ids = HashSet::new();
     for (path, body) in &bodies {
         let parts: Vec<&str> = path.split('/').collect();

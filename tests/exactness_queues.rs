@@ -17,8 +17,6 @@ use crm_analytics::queue::{
     Delivery, Depth, Message, Queue, QueueError, ReceivedBatch, Settlement,
 };
 use futures::future::BoxFuture;
-use futures::{StreamExt, TryStreamExt};
-use object_store::ObjectStore;
 use sqlx::PgPool;
 use std::collections::{HashMap, HashSet};
 use std::io::Read;
@@ -202,31 +200,8 @@ async fn concurrent_random_workload_is_exact_and_archived(backend: Backend, at: 
 /// folder and S3 alike), after checking that each object is gzip JSON Lines of envelopes
 /// under `events/YYYY/MM/DD/<table>/` of its events' date and table.
 async fn archived_ids(archive: &Archive) -> HashSet<Uuid> {
-    let (store, prefix) = archive.store();
-    let prefix = Some(&prefix).filter(|p| !p.as_ref().is_empty());
-    let objects: Vec<object_store::ObjectMeta> = store
-        .list(prefix)
-        .try_collect()
-        .await
-        .expect("list the archive");
-    assert!(!objects.is_empty(), "nothing was archived");
-    let bodies: Vec<(String, Vec<u8>)> = futures::stream::iter(objects)
-        .map(|meta| {
-            let store = store.clone();
-            async move {
-                let body = store
-                    .get(&meta.location)
-                    .await
-                    .expect("get an archived object")
-                    .bytes()
-                    .await
-                    .expect("read an archived object");
-                (meta.location.to_string(), body.to_vec())
-            }
-        })
-        .buffer_unordered(16)
-        .collect()
-        .await;
+    let bodies = common::archived_objects(archive).await;
+    assert!(!bodies.is_empty(), "nothing was archived");
     let mut archived = HashSet::new();
     for (path, body) in bodies {
         assert!(path.ends_with(".jsonl.gz"), "{path}");

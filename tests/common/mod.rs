@@ -587,3 +587,34 @@ pub async fn fix_poison_lead(pool: &PgPool, lead: uuid::Uuid) {
     .expect("insert the lead");
     conn.commit().await.expect("commit");
 }
+
+/// Every object of `archive` (path and bytes), read back through object_store: listed,
+/// then fetched 16 at a time.
+pub async fn archived_objects(archive: &Archive) -> Vec<(String, Vec<u8>)> {
+    use futures::{StreamExt, TryStreamExt};
+    use object_store::ObjectStore;
+    let (store, prefix) = archive.store();
+    let prefix = Some(&prefix).filter(|p| !p.as_ref().is_empty());
+    let objects: Vec<object_store::ObjectMeta> = store
+        .list(prefix)
+        .try_collect()
+        .await
+        .expect("list the archive");
+    futures::stream::iter(objects)
+        .map(|meta| {
+            let store = store.clone();
+            async move {
+                let body = store
+                    .get(&meta.location)
+                    .await
+                    .expect("get an archived object")
+                    .bytes()
+                    .await
+                    .expect("read an archived object");
+                (meta.location.to_string(), body.to_vec())
+            }
+        })
+        .buffer_unordered(16)
+        .collect()
+        .await
+}
