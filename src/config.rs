@@ -8,6 +8,56 @@ use std::time::Duration;
 
 use crate::archive::Layout;
 
+/// A URL as it may be shown in an error: `scheme://user:password@host/…` becomes
+/// `scheme://…@host/…`.
+pub fn redact_userinfo(text: &str) -> String {
+    match (text.find("://"), text.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            format!("{}…{}", &text[..scheme_end + 3], &text[at..])
+        }
+        _ => text.to_string(),
+    }
+}
+
+/// clap's parser for a setting whose value may hold a password (a URL with
+/// `user:password@`): the wrapped function's answer, except that clap's error does not
+/// repeat such a value (its own message would print the password). The function must not
+/// repeat it either: its messages show [`redact_userinfo`]'s form.
+#[derive(Clone)]
+pub struct SecretSafe<T>(pub fn(&str) -> Result<T, String>);
+
+impl<T: Clone + Send + Sync + 'static> clap::builder::TypedValueParser for SecretSafe<T> {
+    type Value = T;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<T, clap::Error> {
+        let name = arg.map_or_else(|| "the setting".to_string(), |arg| arg.to_string());
+        let text = value.to_str().ok_or_else(|| {
+            clap::Error::raw(
+                clap::error::ErrorKind::InvalidUtf8,
+                format!("the value of {name} is not UTF-8\n"),
+            )
+            .with_cmd(cmd)
+        })?;
+        (self.0)(text).map_err(|message| {
+            let shown = if text.contains('@') {
+                "(not shown: it may hold a password)".to_string()
+            } else {
+                format!("'{text}'")
+            };
+            clap::Error::raw(
+                clap::error::ErrorKind::ValueValidation,
+                format!("invalid value {shown} for '{name}': {message}\n"),
+            )
+            .with_cmd(cmd)
+        })
+    }
+}
+
 /// Where the databases and the queue are.
 #[derive(Debug, Clone, Args)]
 pub struct DatabaseArgs {
@@ -170,7 +220,8 @@ pub struct PipelineArgs {
           value_parser = clap::value_parser!(u32).range(1..=100))]
     pub max_attempts: u32,
 
-    /// Delay before the first retry; doubles each attempt, with full jitter.
+    /// Delay before the first retry; doubles each attempt, each delay drawn at random between
+    /// half this and the doubled value.
     #[arg(long, env = "CRM_ANALYTICS_RETRY_BACKOFF", default_value = "1s", value_parser = parse_duration)]
     pub retry_backoff: Duration,
 
@@ -215,7 +266,7 @@ pub struct PipelineArgs {
     /// http://127.0.0.1:9000; http:// is allowed, requests are path-style. Unset: AWS S3, or
     /// AWS_ENDPOINT_URL. Credentials and region come from AWS_ACCESS_KEY_ID,
     /// AWS_SECRET_ACCESS_KEY and AWS_REGION.
-    #[arg(long, env = "CRM_ANALYTICS_S3_ENDPOINT", value_parser = crate::archive::parse_endpoint)]
+    #[arg(long, env = "CRM_ANALYTICS_S3_ENDPOINT", value_parser = SecretSafe(crate::archive::parse_endpoint))]
     pub s3_endpoint: Option<String>,
 
     /// Archive objects: one per batch, table and day (batch), or one per event (event).

@@ -200,3 +200,44 @@ fn a_queue_capacity_of_zero_is_refused_naming_the_setting() {
     assert_eq!(output.status.code(), Some(2), "{said}");
     assert!(said.contains("queue-capacity"), "{said}");
 }
+
+#[test]
+fn an_endpoint_with_a_password_is_refused_without_showing_it() {
+    // Credentials belong in the AWS variables; an error must not print them either.
+    for (setting, flag, value) in [
+        (
+            "CRM_ANALYTICS_SQS_ENDPOINT",
+            "sqs-endpoint",
+            "http://key:s3cr3t@127.0.0.1:4566",
+        ),
+        (
+            "CRM_ANALYTICS_SQS_ENDPOINT",
+            "sqs-endpoint",
+            "ftp://key:s3cr3t@127.0.0.1:4566",
+        ),
+        (
+            "CRM_ANALYTICS_S3_ENDPOINT",
+            "s3-endpoint",
+            "http://key:s3cr3t@127.0.0.1:9000",
+        ),
+        (
+            "CRM_ANALYTICS_QUEUE",
+            "queue",
+            "sqs://https://key:s3cr3t@sqs.example.com/1/q",
+        ),
+    ] {
+        let mut command = crm_analytics(
+            &["run"],
+            Some("postgres://postgres@127.0.0.1:5432/postgres"),
+        );
+        command.env(setting, value);
+        let output = run_bounded(command, Duration::from_secs(20));
+        let said = text(&output);
+        assert_eq!(output.status.code(), Some(2), "{setting}: {said}");
+        assert!(said.contains(flag), "{setting}: {said}");
+        assert!(
+            !said.contains("s3cr3t"),
+            "{setting} showed the password: {said}"
+        );
+    }
+}

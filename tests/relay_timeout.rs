@@ -1,6 +1,7 @@
 //! Relay: a publish that hangs does not keep a CRM transaction open (and the CRM's xmin
 //! horizon held back) beyond the relay timeout; once the queue answers again, every event
-//! is delivered, exactly once in effect.
+//! is delivered, exactly once in effect. A queue too slow to take a whole batch within the
+//! timeout still gets every event: the relay sends smaller batches.
 
 mod common;
 
@@ -12,11 +13,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// The real PostgreSQL queue, except that while `hang` is set a publish never returns
-/// (a broker or analytics database that stopped answering).
+/// (a broker or analytics database that stopped answering), and that each publish takes
+/// `per_message` for every message in it (a slow broker) before it is sent.
 struct Hanging {
     inner: Arc<dyn Queue>,
     hang: Arc<AtomicBool>,
     hung: Arc<AtomicUsize>,
+    per_message: Duration,
+    largest_sent: Arc<AtomicUsize>,
 }
 
 #[async_trait]
@@ -26,7 +30,13 @@ impl Queue for Hanging {
             self.hung.fetch_add(1, Ordering::SeqCst);
             std::future::pending::<()>().await;
         }
-        self.inner.publish_messages(messages).await
+        if !self.per_message.is_zero() {
+            tokio::time::sleep(self.per_message * messages.len() as u32).await;
+        }
+        self.inner.publish_messages(messages).await?;
+        self.largest_sent
+            .fetch_max(messages.len(), Ordering::SeqCst);
+        Ok(())
     }
     fn backend(&self) -> &'static str {
         self.inner.backend()
@@ -60,6 +70,8 @@ async fn a_hanging_publish_ends_the_crm_transaction_within_the_bound() {
         inner,
         hang: hang.clone(),
         hung: hung.clone(),
+        per_message: Duration::ZERO,
+        largest_sent: Arc::default(),
     };
     let running = common::start_with(&db, &args, move |_| Arc::new(queue) as Arc<dyn Queue>).await;
     common::run_workload(&pool, 2, 100, 21).await;
@@ -114,6 +126,52 @@ async fn a_hanging_publish_ends_the_crm_transaction_within_the_bound() {
     assert_eq!(relayed, distinct, "an event was relayed twice");
     assert_eq!(relayed, applied);
     assert!(retried > 0, "the timed-out claims were counted as retries");
+    common::assert_exact(&pool).await;
+    common::assert_counts_match_outbox(&pool).await;
+    db.finish(pool).await;
+}
+
+#[tokio::test]
+async fn a_queue_slower_than_the_timeout_allows_for_a_batch_still_gets_every_event() {
+    let (db, pool) = TestDb::migrated().await;
+    // The whole backlog is in the outbox before the relay starts, so its first claim is a
+    // full batch of 1,000 that would take 4 s at 250 events/s: four times the timeout.
+    common::run_workload(&pool, 4, 300, 22).await;
+    let waiting: i64 = sqlx::query_scalar("SELECT count(*) FROM crm_analytics.event_outbox")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert!(waiting >= 1000, "the backlog fills a batch: {waiting}");
+    let mut args = db.args();
+    args.batch_size = 1000;
+    args.relay_timeout = Duration::from_secs(1);
+    args.outbox_retention = Duration::from_secs(3600); // to count retried claims
+    let largest_sent = Arc::new(AtomicUsize::new(0));
+    let queue = Hanging {
+        inner: common::open_queue(&db.pool(12).await, 1_000_000).await,
+        hang: Arc::default(),
+        hung: Arc::default(),
+        per_message: Duration::from_millis(4),
+        largest_sent: largest_sent.clone(),
+    };
+    let running = common::start_with(&db, &args, move |_| Arc::new(queue) as Arc<dyn Queue>).await;
+
+    // Without smaller batches every claim times out and nothing ever leaves the outbox.
+    common::drain(&pool, Duration::from_secs(90)).await;
+    running.stop().await;
+    let largest = largest_sent.load(Ordering::SeqCst);
+    assert!(
+        // 250 would take the whole timeout: 125 is the largest batch that fits.
+        (1..=125).contains(&largest),
+        "only batches that fit the timeout were sent: {largest}"
+    );
+    let retried: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM crm_analytics.event_outbox_processed WHERE retry_count > 0",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert!(retried > 0, "the full batch timed out first");
     common::assert_exact(&pool).await;
     common::assert_counts_match_outbox(&pool).await;
     db.finish(pool).await;

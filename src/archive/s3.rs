@@ -53,11 +53,13 @@ fn probe_retries() -> RetryConfig {
 /// value of CRM_ANALYTICS_S3_ENDPOINT.
 pub fn parse_endpoint(text: &str) -> Result<String, String> {
     let example = "write the server's URL, e.g. http://127.0.0.1:9000 or https://s3.example.com";
+    // Never the text itself in an error: it may carry a password.
+    let shown = crate::config::redact_userinfo(text);
     let url =
-        url::Url::parse(text).map_err(|e| format!("{text:?} is not a URL ({e}); {example}"))?;
+        url::Url::parse(text).map_err(|e| format!("{shown:?} is not a URL ({e}); {example}"))?;
     if !url.username().is_empty() || url.password().is_some() {
         return Err(format!(
-            "{text:?} carries credentials; put them in AWS_ACCESS_KEY_ID and \
+            "{shown:?} carries credentials; put them in AWS_ACCESS_KEY_ID and \
              AWS_SECRET_ACCESS_KEY and {example}"
         ));
     }
@@ -68,7 +70,7 @@ pub fn parse_endpoint(text: &str) -> Result<String, String> {
     if plain {
         Ok(url.as_str().trim_end_matches('/').to_string())
     } else {
-        Err(format!("{text:?} is not a plain http(s) URL; {example}"))
+        Err(format!("{shown:?} is not a plain http(s) URL; {example}"))
     }
 }
 

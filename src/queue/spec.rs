@@ -6,6 +6,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use super::nats::{NatsOptions, NatsSpec};
+use crate::config::{redact_userinfo, SecretSafe};
 
 /// The queue backend and where it is.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -100,16 +101,6 @@ impl SqsTarget {
     }
 }
 
-/// `scheme://user:password@host/...` as `scheme://…@host/...`.
-fn redact_userinfo(text: &str) -> String {
-    match (text.find("://"), text.rfind('@')) {
-        (Some(scheme_end), Some(at)) if at > scheme_end => {
-            format!("{}…{}", &text[..scheme_end + 3], &text[at..])
-        }
-        _ => text.to_string(),
-    }
-}
-
 /// SQS's rule: 1 to 80 characters of letters, digits, `-` and `_`, `.fifo` included.
 fn valid_name(name: &str) -> bool {
     let base = name.strip_suffix(".fifo").unwrap_or(name);
@@ -159,41 +150,9 @@ impl FromStr for QueueSpec {
     }
 }
 
-/// clap's parser for `--queue`: as [`QueueSpec::from_str`], except that an error about a URL
-/// with credentials does not repeat the URL (clap's own message would print the password).
-#[derive(Clone)]
-pub struct QueueSpecParser;
-
-impl clap::builder::TypedValueParser for QueueSpecParser {
-    type Value = QueueSpec;
-
-    fn parse_ref(
-        &self,
-        cmd: &clap::Command,
-        arg: Option<&clap::Arg>,
-        value: &std::ffi::OsStr,
-    ) -> Result<QueueSpec, clap::Error> {
-        let text = value.to_str().ok_or_else(|| {
-            clap::Error::raw(
-                clap::error::ErrorKind::InvalidUtf8,
-                "CRM_ANALYTICS_QUEUE is not UTF-8\n",
-            )
-            .with_cmd(cmd)
-        })?;
-        text.parse().map_err(|message: String| {
-            let shown = if text.contains('@') {
-                "(not shown: it may hold a password)".to_string()
-            } else {
-                format!("'{text}'")
-            };
-            let arg = arg.map_or("--queue".to_string(), |arg| arg.to_string());
-            clap::Error::raw(
-                clap::error::ErrorKind::ValueValidation,
-                format!("invalid value {shown} for '{arg}': {message}\n"),
-            )
-            .with_cmd(cmd)
-        })
-    }
+/// `--queue`'s parser: [`QueueSpec::from_str`] behind [`SecretSafe`].
+fn parse_queue(text: &str) -> Result<QueueSpec, String> {
+    text.parse()
 }
 
 impl fmt::Display for QueueSpec {
@@ -215,9 +174,17 @@ fn strip_prefix_ignore_case<'a>(text: &'a str, prefix: &str) -> Option<&'a str> 
 /// An endpoint URL for `--sqs-endpoint`: http or https with a host.
 fn parse_endpoint(text: &str) -> Result<String, String> {
     let example = "write the server's URL, e.g. http://localhost:4566";
-    let url = url::Url::parse(text.trim()).map_err(|e| format!("{text:?}: {e}; {example}"))?;
+    let shown = redact_userinfo(text);
+    let url = url::Url::parse(text.trim()).map_err(|e| format!("{shown:?}: {e}; {example}"))?;
     if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
-        return Err(format!("{text:?} is not an http(s) URL; {example}"));
+        return Err(format!("{shown:?} is not an http(s) URL; {example}"));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        // Refused rather than used: credentials belong where AWS's tools keep them.
+        return Err(format!(
+            "{shown:?}: credentials do not belong in the endpoint; give them in \
+             AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or an AWS profile)"
+        ));
     }
     Ok(text.trim().to_string())
 }
@@ -236,7 +203,7 @@ pub struct QueueArgs {
     /// AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_PROFILE, web identity, container or instance
     /// role.
     #[arg(long = "queue", env = "CRM_ANALYTICS_QUEUE", default_value = "postgres",
-          global = true, hide_env_values = true, value_parser = QueueSpecParser)]
+          global = true, hide_env_values = true, value_parser = SecretSafe(parse_queue))]
     pub spec: QueueSpec,
 
     /// The durable JetStream consumer the workers share, created when missing (NATS only).
@@ -263,7 +230,7 @@ pub struct QueueArgs {
     /// AWS_ENDPOINT_URL_SQS or AWS_ENDPOINT_URL when set, else the queue URL's server when it
     /// is not AWS, else AWS's endpoint for the region.
     #[arg(long = "sqs-endpoint", env = "CRM_ANALYTICS_SQS_ENDPOINT", global = true,
-          value_parser = parse_endpoint)]
+          value_parser = SecretSafe(parse_endpoint))]
     pub sqs_endpoint: Option<String>,
 }
 
@@ -454,5 +421,10 @@ mod tests {
         );
         assert!(parse_endpoint("localhost:4566").is_err());
         assert!(parse_endpoint("ftp://host").is_err());
+        let refused = parse_endpoint("http://key:s3cr3t@localhost:4566").unwrap_err();
+        assert!(
+            refused.contains("AWS_ACCESS_KEY_ID") && !refused.contains("s3cr3t"),
+            "{refused}"
+        );
     }
 }

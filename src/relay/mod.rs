@@ -53,11 +53,19 @@ fn begin_statement(timeout: Duration) -> String {
     // Whole milliseconds, at least 1 (0 means "no bound" to PostgreSQL); an integer, so
     // nothing here comes from user text.
     let ms = timeout.as_millis().clamp(1, i32::MAX as u128);
+    // The idle bound is the backstop for a relay that hangs; the relay's own publish timeout
+    // (counted from the same moment, the claim) comes first, so that a publish outliving
+    // the bound is always seen as one and the relay shrinks its batch.
+    let idle = (ms + IDLE_BOUND_MARGIN.as_millis()).min(i32::MAX as u128);
     format!(
         "BEGIN; SET LOCAL statement_timeout = {ms}; \
-         SET LOCAL idle_in_transaction_session_timeout = {ms}"
+         SET LOCAL idle_in_transaction_session_timeout = {idle}"
     )
 }
+
+/// How much later than the relay's own publish timeout the server ends a claiming session
+/// left idle.
+const IDLE_BOUND_MARGIN: Duration = Duration::from_secs(1);
 
 /// An outbox row as claimed: id, type, aggregate, xid, creation time, payload text.
 type OutboxRow = (Uuid, String, Option<Uuid>, i64, DateTime<Utc>, String);
@@ -98,6 +106,8 @@ pub async fn relay_once(
     if rows.is_empty() {
         return Ok(0);
     }
+    // From the claim on, as the server's idle bound counts.
+    let deadline = tokio::time::Instant::now() + config.timeout;
     let mut envelopes = Vec::with_capacity(rows.len());
     for (event_id, event_type, aggregate_id, xid, created_at, payload) in rows {
         envelopes.push(Envelope {
@@ -123,10 +133,10 @@ pub async fn relay_once(
     let published = if config.timeout.is_zero() {
         publish.await.map_err(anyhow::Error::from)
     } else {
-        match tokio::time::timeout(config.timeout, publish).await {
+        match tokio::time::timeout_at(deadline, publish).await {
             Ok(result) => result.map_err(anyhow::Error::from),
             Err(_) => Err(RelayError::PublishTimeout {
-                events: envelopes.len(),
+                events: messages.len(),
                 timeout: config.timeout,
             }
             .into()),
@@ -268,7 +278,10 @@ async fn relay_loop(
     };
     let mut last_event = std::time::Instant::now();
     let mut failures = 0u32;
+    let mut batch = BatchSize::new(config.batch_size);
+    let mut current = config.clone();
     while !shutdown.is_cancelled() {
+        current.batch_size = batch.current;
         match queue.is_full().await {
             Ok(true) => {
                 // Backpressure: the workers are behind; let them catch up.
@@ -280,12 +293,14 @@ async fn relay_loop(
         }
         let epoch = watcher.epoch();
         let step = async {
-            let relayed = relay_once(&crm, &analytics, &*queue, &config).await?;
+            let started = std::time::Instant::now();
+            let relayed = relay_once(&crm, &analytics, &*queue, &current).await?;
+            batch.after_batch(relayed, started.elapsed(), config.timeout);
             if relayed > 0 {
                 last_event = std::time::Instant::now();
                 flag.set(false).await?;
             }
-            if relayed >= config.batch_size {
+            if relayed >= current.batch_size {
                 return Ok(Duration::ZERO);
             }
             if last_event.elapsed() < LINGER {
@@ -314,6 +329,11 @@ async fn relay_loop(
                 }
             }
             Err(error) => {
+                if let Some(RelayError::PublishTimeout { events, .. }) = error.downcast_ref() {
+                    if let Some(smaller) = batch.after_timeout(*events) {
+                        tracing::warn!(events, batch_size = smaller, "publishing timed out (CRM_ANALYTICS_RELAY_TIMEOUT): a slow or unreachable queue; this relay loop claims smaller batches until publishes are quick again");
+                    }
+                }
                 failures = failures.saturating_add(1);
                 crate::telemetry::metrics::relay_failed();
                 let wait =
@@ -326,6 +346,46 @@ async fn relay_loop(
                 }
                 pause(&shutdown, wait).await;
             }
+        }
+    }
+}
+
+/// The relay's batch size, halved after a publish outlived the relay timeout and grown back
+/// while batches publish well within it. Without it, a broker slower than
+/// batch size / timeout (events per second) would time out on every full batch and the same
+/// events would be published again and again without the outbox ever moving.
+#[derive(Debug)]
+struct BatchSize {
+    limit: usize,
+    current: usize,
+}
+
+impl BatchSize {
+    fn new(limit: usize) -> Self {
+        let limit = limit.max(1);
+        BatchSize {
+            limit,
+            current: limit,
+        }
+    }
+
+    /// Halves the batch after a publish of `events` timed out (a claim may hold fewer than
+    /// the batch size): the new size, or None at one event.
+    fn after_timeout(&mut self, events: usize) -> Option<usize> {
+        let smaller = (self.current.min(events) / 2).max(1);
+        (smaller < self.current).then(|| {
+            self.current = smaller;
+            smaller
+        })
+    }
+
+    /// Doubles the batch (up to the limit) after a full one took under a quarter of the
+    /// timeout: twice as many then still take under half of it, so growing never
+    /// brings the timeout back by itself.
+    fn after_batch(&mut self, relayed: usize, took: Duration, timeout: Duration) {
+        let quick = timeout.is_zero() || took < timeout / 4;
+        if relayed >= self.current && self.current < self.limit && quick {
+            self.current = (self.current * 2).min(self.limit);
         }
     }
 }
@@ -348,8 +408,36 @@ mod tests {
         assert!(tiny.contains("statement_timeout = 1;"), "{tiny}");
         let usual = begin_statement(Duration::from_secs(30));
         assert!(
-            usual.contains("idle_in_transaction_session_timeout = 30000"),
+            usual.contains("idle_in_transaction_session_timeout = 31000"),
             "{usual}"
+        );
+    }
+
+    #[test]
+    fn a_batch_that_timed_out_is_halved_and_grows_back_only_while_quick() {
+        let timeout = Duration::from_secs(30);
+        let quick = Duration::from_secs(1);
+        let mut batch = BatchSize::new(1000);
+        assert_eq!(batch.after_timeout(1000), Some(500));
+        // A claim of 300 that timed out: half of what was claimed, not of the batch size.
+        assert_eq!(batch.after_timeout(300), Some(150));
+        // A full batch near the timeout does not grow: twice as many would time out.
+        batch.after_batch(150, Duration::from_secs(10), timeout);
+        assert_eq!(batch.current, 150);
+        // Nor does one that was not full (nothing says a bigger one would be quick).
+        batch.after_batch(100, Duration::from_millis(10), timeout);
+        assert_eq!(batch.current, 150);
+        batch.after_batch(150, quick, timeout);
+        assert_eq!(batch.current, 300);
+        for size in [300, 600] {
+            batch.after_batch(size, quick, timeout);
+        }
+        assert_eq!(batch.current, 1000, "never above the configured size");
+        let mut one = BatchSize::new(1);
+        assert_eq!(
+            one.after_timeout(1),
+            None,
+            "one event is as small as it gets"
         );
     }
 }

@@ -3,8 +3,8 @@
 //! Owns the worker pool loop, the per-batch decision (decode, apply, isolate a failing event
 //! by splitting the batch, retry with exponential backoff and jitter, park after the last
 //! attempt) and the failed-events operations. One bad event never blocks the others;
-//! transient failures (timeouts, locks, connections) retry the batch whole and never
-//! count toward parking.
+//! transient failures (timeouts, locks, connections) retry the batch whole and do not
+//! count toward parking on the `postgres` queue (brokers count deliveries, so there they do).
 
 pub mod apply;
 pub mod failed;
@@ -124,7 +124,7 @@ async fn work(
 /// database, lock or operator lets go.
 const TRANSIENT_PAUSE_CAP: Duration = Duration::from_secs(30);
 
-/// Exponential backoff with full jitter: uniform in [base/2, base * 2^(attempt-1)], capped.
+/// Exponential backoff with jitter: uniform in [base/2, base * 2^(attempt-1)], capped.
 pub fn backoff(base: Duration, attempt: u32) -> Duration {
     let ceiling = base
         .saturating_mul(1u32 << attempt.saturating_sub(1).min(16))
