@@ -156,9 +156,10 @@ async fn sqs_three_workers_killed_at_random() {
     three_workers_killed_at_random(Backend::Sqs).await
 }
 
-/// The NATS server stops mid-run (while the CRM writes) and starts again 4 s later: the
-/// relay keeps the events in the outbox meanwhile, the status says the queue is
-/// unreachable, and afterwards everything drains exactly once.
+/// The NATS server stops mid-run (while the CRM writes) and starts again some 4 s later:
+/// the relay's publishes fail and it keeps the events in the outbox meanwhile, the status
+/// (the library's report and the `status` command) says the queue is unreachable, and
+/// afterwards everything drains exactly once.
 #[tokio::test]
 async fn nats_outage_loses_nothing_and_doubles_nothing() {
     let Some(mut nats) = common::outage::PrivateNats::start() else {
@@ -206,6 +207,8 @@ async fn nats_outage_loses_nothing_and_doubles_nothing() {
         waiting > 0,
         "events wait in the outbox while the broker is down"
     );
+    let queue_env = [("CRM_ANALYTICS_QUEUE", format!("{}/OUTAGE", nats.url()))];
+    common::outage::assert_outage_seen(&pool, &db.url, &queue_env).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     nats.restart();
     let stats = writers.await.expect("writers");
@@ -277,6 +280,13 @@ async fn sqs_outage_loses_nothing_and_doubles_nothing() {
         waiting > 0,
         "events wait in the outbox while the broker is down"
     );
+    let mut queue_env = fresh.env();
+    for (name, value) in &mut queue_env {
+        if *name == "CRM_ANALYTICS_SQS_ENDPOINT" {
+            *value = cuttable.url(); // as the pipeline reaches it
+        }
+    }
+    common::outage::assert_outage_seen(&pool, &db.url, &queue_env).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     cuttable.restore();
     let stats = writers.await.expect("writers");

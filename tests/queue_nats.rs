@@ -354,6 +354,31 @@ async fn opening_says_what_is_wrong_with_the_server_or_the_stream() {
         "{text}"
     );
 
+    // A work-queue stream with a limit that drops the oldest messages when reached: events
+    // the relay already removed from the outbox could vanish, so it is refused.
+    let Some(limited) = Fresh::new(Duration::from_secs(30)) else {
+        return;
+    };
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: limited.spec.stream.clone(),
+        subjects: vec![format!("{}.events", limited.spec.stream)],
+        retention: async_nats::jetstream::stream::RetentionPolicy::WorkQueue,
+        storage: async_nats::jetstream::stream::StorageType::File,
+        max_messages: 1000,
+        discard: async_nats::jetstream::stream::DiscardPolicy::Old,
+        ..Default::default()
+    })
+    .await
+    .expect("create a limited stream");
+    let error = NatsQueue::open(&limited.spec, &limited.options)
+        .await
+        .expect_err("a stream that drops old messages loses events");
+    let text = error.to_string();
+    assert!(
+        matches!(error, QueueError::Setting(_)) && text.contains("discard policy"),
+        "{text}"
+    );
+
     // Another stream whose subject is already taken: the setting to change is named.
     let Some(mut second) = Fresh::new(Duration::from_secs(30)) else {
         return;

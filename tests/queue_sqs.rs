@@ -8,7 +8,7 @@ mod common;
 use common::TestDb;
 use crm_analytics::queue::sqs::{SqsQueue, SqsSettings, StaticCredentials, MAX_MESSAGE_BYTES};
 use crm_analytics::queue::{
-    Message, Queue, QueueOptions, QueueSpec, ReceivedBatch, Settlement, SqsTarget,
+    Message, Queue, QueueError, QueueOptions, QueueSpec, ReceivedBatch, Settlement, SqsTarget,
 };
 use std::collections::HashSet;
 use std::process::Command;
@@ -598,6 +598,109 @@ async fn a_queue_created_by_name_keeps_messages_for_sqs_longest_retention() {
         "14 days, not SQS's default 4"
     );
     delete_queue(&queue).await;
+}
+
+#[tokio::test]
+async fn messages_carry_the_event_id_and_type_as_attributes_for_operators() {
+    let Some((queue, _, _)) = fresh_queue(Duration::from_secs(30)).await else {
+        return;
+    };
+    let sent = message("projects.update", "{}".into());
+    queue
+        .publish_messages(std::slice::from_ref(&sent))
+        .await
+        .expect("publish");
+    // As a console or another SQS client sees the message.
+    let received = queue
+        .client()
+        .receive_message()
+        .queue_url(queue.url())
+        .message_attribute_names("All")
+        .wait_time_seconds(5)
+        .send()
+        .await
+        .expect("receive");
+    let message = received.messages().first().expect("the message");
+    let attribute = |name: &str| {
+        message
+            .message_attributes()
+            .and_then(|a| a.get(name))
+            .and_then(|v| v.string_value())
+            .map(str::to_string)
+    };
+    assert_eq!(
+        attribute(crm_analytics::queue::sqs::EVENT_ID),
+        Some(sent.event_id.to_string())
+    );
+    assert_eq!(
+        attribute(crm_analytics::queue::sqs::EVENT_TYPE).as_deref(),
+        Some("projects.update")
+    );
+    delete_queue(&queue).await;
+}
+
+#[tokio::test]
+async fn a_queue_that_would_move_events_to_a_dead_letter_queue_is_refused() {
+    let Some(endpoint) = common::aws_endpoint() else {
+        return;
+    };
+    // Made by someone else, with SQS's own dead-lettering after 3 receives: a worker
+    // crash or two would move an event where the workers never look.
+    let dead = fresh_target("");
+    let dead = SqsQueue::open(&dead, &options(&endpoint, Duration::from_secs(30)))
+        .await
+        .expect("open the dead-letter queue");
+    let arn = dead
+        .client()
+        .get_queue_attributes()
+        .queue_url(dead.url())
+        .attribute_names(aws_sdk_sqs::types::QueueAttributeName::QueueArn)
+        .send()
+        .await
+        .expect("attributes")
+        .attributes()
+        .and_then(|a| a.get(&aws_sdk_sqs::types::QueueAttributeName::QueueArn))
+        .cloned()
+        .expect("an ARN");
+    let SqsTarget::Name(name) = fresh_target("") else {
+        unreachable!("fresh targets are names")
+    };
+    dead.client()
+        .create_queue()
+        .queue_name(&name)
+        .attributes(
+            aws_sdk_sqs::types::QueueAttributeName::RedrivePolicy,
+            format!(r#"{{"deadLetterTargetArn":"{arn}","maxReceiveCount":"3"}}"#),
+        )
+        .send()
+        .await
+        .expect("create a queue with a redrive policy");
+    let error = SqsQueue::open(
+        &SqsTarget::Name(name.clone()),
+        &options(&endpoint, Duration::from_secs(30)),
+    )
+    .await
+    .err()
+    .expect("refused");
+    let text = error.to_string();
+    assert!(
+        matches!(error, QueueError::Setting(_)) && text.contains("redrive policy"),
+        "{text}"
+    );
+    let url = dead
+        .client()
+        .get_queue_url()
+        .queue_name(&name)
+        .send()
+        .await
+        .expect("url");
+    let _ = dead
+        .client()
+        .delete_queue()
+        .queue_url(url.queue_url().unwrap_or_default())
+        .send()
+        .await;
+    delete_queue(&dead).await;
 }
 
 /// An event over SQS's size limit can never be published: the relay parks it in

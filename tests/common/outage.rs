@@ -190,3 +190,63 @@ fn wait_listening(port: u16, listening: bool) {
         if listening { "open" } else { "closed" }
     );
 }
+
+/// `crm-analytics status --json` as an operator runs it, with `env` naming the queue: its
+/// exit code and the JSON it printed.
+pub async fn status_command(
+    db_url: &str,
+    env: &[(&str, String)],
+) -> (Option<i32>, serde_json::Value) {
+    let mut command = tokio::process::Command::new(super::binary());
+    command
+        .args(["status", "--json"])
+        .env("DATABASE_URL", db_url)
+        .env_remove("ANALYTICS_DATABASE_URL")
+        .env("RUST_LOG", "error");
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    let output = tokio::time::timeout(std::time::Duration::from_secs(30), command.output())
+        .await
+        .expect("status answers within 30 s")
+        .expect("run status");
+    let json = serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+        panic!(
+            "status printed no JSON ({e}): {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        )
+    });
+    (output.status.code(), json)
+}
+
+/// While the broker is down: the relay has tried and failed (the claimed events went back
+/// to the outbox with their retry count raised), and `status` says the queue is
+/// unreachable while both databases are up and events wait in the outbox.
+pub async fn assert_outage_seen(pool: &sqlx::PgPool, db_url: &str, env: &[(&str, String)]) {
+    // A publish to a broker that went away fails once the client gives up on it (NATS
+    // buffers while it reconnects and times out the acknowledgement).
+    let since = std::time::Instant::now();
+    loop {
+        let retried: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM crm_analytics.event_outbox WHERE retry_count > 0",
+        )
+        .fetch_one(pool)
+        .await
+        .expect("outbox");
+        if retried > 0 {
+            break;
+        }
+        assert!(
+            since.elapsed() < Duration::from_secs(30),
+            "no failed publish was counted: the relay's publishes failed and it kept the events"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (code, json) = status_command(db_url, env).await;
+    assert_eq!(code, Some(2), "status exits 2 with the queue down: {json}");
+    assert_eq!(json["databases"]["queue"], "unreachable", "{json}");
+    assert_eq!(json["databases"]["crm"], "up", "{json}");
+    assert_eq!(json["databases"]["analytics"], "up", "{json}");
+    assert!(json["outbox_lag"].as_i64().unwrap_or(0) > 0, "{json}");
+}

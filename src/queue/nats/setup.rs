@@ -67,6 +67,21 @@ pub async fn stream(
             have.subjects
         ));
     }
+    let limited = have.max_age > Duration::ZERO
+        || have.max_messages > 0
+        || have.max_bytes > 0
+        || have.max_messages_per_subject > 0;
+    if limited && have.discard == DiscardPolicy::Old {
+        // A full stream would drop the oldest events after the relay removed them from the
+        // outbox: lost without a trace. With discard-new the publish fails and they wait.
+        problems.push(format!(
+            "it has limits (max age {:?}, max messages {}, max bytes {}, max messages per \
+             subject {}) with discard policy Old, so a full stream silently drops the oldest \
+             events; the queue needs no limits, or discard policy New (a full stream refuses \
+             publishes and events wait in the outbox)",
+            have.max_age, have.max_messages, have.max_bytes, have.max_messages_per_subject
+        ));
+    }
     if !problems.is_empty() {
         return Err(QueueError::Setting(format!(
             "the NATS stream {name} exists with other settings: {}; name another stream in \

@@ -117,21 +117,49 @@ pub(super) async fn queue_url(
     let name = match target {
         SqsTarget::Url(url) => {
             let url = url.to_string();
-            client
-                .get_queue_attributes()
-                .queue_url(&url)
-                .attribute_names(QueueAttributeName::VisibilityTimeout)
-                .send()
-                .await
-                .map_err(|e| broker("GetQueueAttributes", e))?;
+            check_existing(client, &url).await?;
             return Ok(url);
         }
         SqsTarget::Name(name) => name,
     };
     match look_up(client, name).await? {
-        Some(url) => Ok(url),
+        Some(url) => {
+            check_existing(client, &url).await?;
+            Ok(url)
+        }
         None => create(client, name, target.is_fifo(), lease_seconds).await,
     }
+}
+
+/// A queue someone else made: refused when SQS would move events elsewhere on its own
+/// (a redrive policy sends a message received maxReceiveCount times to a dead-letter queue
+/// the workers never read, so the aggregates would miss it without a trace), and a warning
+/// when it keeps messages for less than SQS's longest retention.
+async fn check_existing(client: &Client, url: &str) -> Result<(), QueueError> {
+    let answer = client
+        .get_queue_attributes()
+        .queue_url(url)
+        .attribute_names(QueueAttributeName::RedrivePolicy)
+        .attribute_names(QueueAttributeName::MessageRetentionPeriod)
+        .send()
+        .await
+        .map_err(|e| broker("GetQueueAttributes", e))?;
+    let attribute = |name| answer.attributes().and_then(|a| a.get(&name)).cloned();
+    if let Some(policy) = attribute(QueueAttributeName::RedrivePolicy).filter(|p| !p.is_empty()) {
+        return Err(QueueError::Setting(format!(
+            "the SQS queue {url} has a redrive policy ({policy}): SQS would move an event \
+             received that many times to a dead-letter queue the workers never read, and the \
+             aggregates would miss it silently. Remove the queue's redrive policy (crm-analytics \
+             parks events it cannot apply in failed_events itself, after \
+             CRM_ANALYTICS_MAX_ATTEMPTS) or name another queue in CRM_ANALYTICS_QUEUE"
+        )));
+    }
+    let retention = attribute(QueueAttributeName::MessageRetentionPeriod)
+        .and_then(|seconds| seconds.parse::<u32>().ok());
+    if let Some(seconds) = retention.filter(|&s| s < MAX_RETENTION_SECONDS) {
+        tracing::warn!(queue = url, retention_s = seconds, "the SQS queue deletes messages older than its retention period: events waiting longer than that (workers stopped) are lost; set MessageRetentionPeriod to 1209600 (14 days)");
+    }
+    Ok(())
 }
 
 /// GetQueueUrl; None when the queue does not exist.
