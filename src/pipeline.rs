@@ -272,12 +272,11 @@ impl Pipeline {
         args: &PipelineArgs,
         roles: Roles,
     ) -> anyhow::Result<Self> {
-        let queue = crate::queue::open(
-            &db.queue.spec,
-            &analytics,
-            &db.queue.options(args.queue_capacity),
-        )
-        .await?;
+        let options = crate::queue::QueueOptions {
+            consumes: roles.workers,
+            ..db.queue.options(args.queue_capacity)
+        };
+        let queue = crate::queue::open(&db.queue.spec, &analytics, &options).await?;
         let pipeline = Self::assemble(crm, analytics, queue, args)?;
         // Workers write the archive: a wrong endpoint or a missing bucket stops the process
         // now, not at the first batch (which would then retry forever).

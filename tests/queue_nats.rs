@@ -410,6 +410,16 @@ async fn the_consumer_follows_a_changed_lease() {
         info.config.max_deliver, -1,
         "the workers park, not the server"
     );
+    // A process that does not consume (status, the API, a relay) with another lease
+    // leaves the workers' ack wait alone.
+    fresh.options.lease = Duration::from_secs(2);
+    fresh.options.consumes = false;
+    fresh.open().await;
+    let info = stream
+        .consumer_info(&fresh.options.nats.consumer)
+        .await
+        .expect("consumer");
+    assert_eq!(info.config.ack_wait, Duration::from_secs(7));
     let stream_info = stream.info().await.expect("stream info");
     assert_eq!(
         stream_info.config.retention,

@@ -186,6 +186,10 @@ pub struct QueueOptions {
     pub nats: nats::NatsOptions,
     /// How to reach SQS beyond the standard AWS chain (the SQS backend only).
     pub sqs: sqs::SqsSettings,
+    /// Whether this process receives from the queue (runs workers). Only such a process
+    /// brings the broker's consumer settings in line with its lease (NATS ack wait); a
+    /// relay, `status`, the API or `failed retry` use the consumer as they find it.
+    pub consumes: bool,
 }
 
 impl Default for QueueOptions {
@@ -195,6 +199,7 @@ impl Default for QueueOptions {
             lease: Duration::from_secs(30),
             nats: nats::NatsOptions::default(),
             sqs: sqs::SqsSettings::default(),
+            consumes: true,
         }
     }
 }

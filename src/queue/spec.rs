@@ -262,15 +262,21 @@ impl QueueArgs {
                 endpoint: self.sqs_endpoint.clone(),
                 ..Default::default()
             },
+            consumes: true,
         }
     }
 
-    /// Opens the queue with no capacity bound (status, API, `failed retry`).
+    /// Opens the queue with no capacity bound and without consuming from it (status, API,
+    /// `failed retry`).
     pub async fn open_unbounded(
         &self,
         analytics: &sqlx::PgPool,
     ) -> Result<std::sync::Arc<dyn super::Queue>, super::QueueError> {
-        super::open(&self.spec, analytics, &self.options(u64::MAX)).await
+        let options = super::QueueOptions {
+            consumes: false,
+            ..self.options(u64::MAX)
+        };
+        super::open(&self.spec, analytics, &options).await
     }
 }
 

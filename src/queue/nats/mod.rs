@@ -80,7 +80,14 @@ impl NatsQueue {
             .timeout(REQUEST_TIMEOUT)
             .build(client.clone());
         let stream = setup::stream(&context, &spec.stream, &subject).await?;
-        let consumer = setup::consumer(&stream, consumer_name, &subject, options.lease).await?;
+        let consumer = setup::consumer(
+            &stream,
+            consumer_name,
+            &subject,
+            options.lease,
+            options.consumes,
+        )
+        .await?;
         tracing::info!(queue = %spec, consumer = %consumer_name, %subject, lease = ?options.lease, "NATS JetStream queue open");
         Ok(Self {
             shown: spec.to_string(),

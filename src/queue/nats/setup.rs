@@ -131,12 +131,15 @@ fn stream_error(name: &str, subject: &str, error: &CreateStreamError) -> QueueEr
 /// Gets the durable pull consumer, creating it when missing, with explicit acks, the lease
 /// as ack wait and no server-side delivery limit: the workers count attempts and park an
 /// event after CRM_ANALYTICS_MAX_ATTEMPTS themselves, whereas a message past the server's
-/// max_deliver would silently stop being delivered and stay in the stream for ever.
+/// max_deliver would silently stop being delivered and stay in the stream for ever. An
+/// existing consumer's ack wait and limits are updated only when `consumes` (the opener
+/// runs workers).
 pub async fn consumer(
     stream: &stream::Stream,
     name: &str,
     subject: &str,
     lease: Duration,
+    consumes: bool,
 ) -> Result<PullConsumer, QueueError> {
     let wanted = pull::Config {
         durable_name: Some(name.to_string()),
@@ -188,11 +191,14 @@ pub async fn consumer(
         )));
     }
     let outdated = have.ack_wait != lease || have.max_deliver > 0 || have.max_ack_pending > 0;
-    if !outdated {
+    if !outdated || !consumes {
+        // A process that only publishes or reads the depth leaves the consumer to the
+        // workers: its own lease (a `status` run with other settings) must not change theirs.
         return Ok(found);
     }
     // Safe to change in place. Processes opened with different leases would rewrite it in
-    // turn (the last one wins): every process should have the same CRM_ANALYTICS_QUEUE_LEASE.
+    // turn (the last one wins): every worker process should have the same
+    // CRM_ANALYTICS_QUEUE_LEASE.
     tracing::info!(consumer = name, ack_wait = ?have.ack_wait, max_deliver = have.max_deliver,
         max_ack_pending = have.max_ack_pending, lease = ?lease,
         "updating the NATS consumer: ack wait = the lease, no delivery or ack-pending limit");
