@@ -12,6 +12,10 @@ pub mod verify;
 
 use crate::migrate::Migration;
 
+/// The analytics component as its migrations leave it, idempotent: what `migrate` runs
+/// to recreate objects that went missing after the migrations ran.
+pub const CURRENT_SHAPE: &str = include_str!("sql/current.sql");
+
 /// Migrations of the analytics database (component "analytics").
 pub const MIGRATIONS: &[Migration] = &[
     Migration {

@@ -36,21 +36,87 @@ pub async fn all_with(
     create_crm_schema: bool,
     capture_columns: Option<CaptureColumns>,
 ) -> Result<(), InstallError> {
+    all_reporting(
+        crm,
+        analytics,
+        crm_schema,
+        create_crm_schema,
+        capture_columns,
+    )
+    .await
+    .map(|_| ())
+}
+
+/// What a `migrate` run changed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Installed {
+    /// Capture triggers created: all of them on a first run; later, triggers that had gone
+    /// missing (a CRM table recreated by the application loses its triggers).
+    pub capture_triggers: usize,
+    /// Whether capture was installed before this run (so triggers created were missing).
+    pub capture_was_installed: bool,
+    pub analytics_migrations: Vec<i32>,
+    pub queue_migrations: Vec<i32>,
+    /// Objects of the analytics component that had gone missing and were recreated.
+    pub recreated: Vec<String>,
+}
+
+/// [`all_with`], returning what changed; says in the log what was recreated.
+pub async fn all_reporting(
+    crm: &PgPool,
+    analytics: &PgPool,
+    crm_schema: &str,
+    create_crm_schema: bool,
+    capture_columns: Option<CaptureColumns>,
+) -> Result<Installed, InstallError> {
     if create_crm_schema {
         crate::capture::create_reference_schema(crm, crm_schema).await?;
     }
     // Before anything changes: the aggregates' NULL-tolerant keys need PostgreSQL 15.
     super::require_server_version(analytics, 150_000, "the analytics schema").await?;
+    let capture_was_installed = super::require(
+        crm,
+        "capture",
+        crate::capture::MIGRATIONS,
+        "capture",
+        "DATABASE_URL",
+    )
+    .await
+    .is_ok();
     let triggers = crate::capture::attach_with(crm, crm_schema, capture_columns).await?;
     let applied = super::apply(analytics, "analytics", crate::aggregates::MIGRATIONS).await?;
+    let recreated = super::heal_analytics(analytics).await?;
     let queue = crate::queue::migrate(analytics).await?;
+    if capture_was_installed && triggers > 0 {
+        tracing::warn!(
+            triggers,
+            crm_schema,
+            "reattached capture triggers that were missing from CRM tables (a table recreated \
+             by the application loses them): changes made meanwhile were not captured; \
+             `crm-analytics verify` shows whether the aggregates differ, `rebuild` fixes them"
+        );
+    }
+    if !recreated.is_empty() {
+        tracing::warn!(
+            recreated = ?recreated,
+            "recreated what the analytics migrations had made and was missing; recreated \
+             tables are empty: fill them with `crm-analytics rebuild`"
+        );
+    }
     tracing::info!(
         triggers_created = triggers,
         analytics_migrations = ?applied,
         queue_migrations = ?queue,
+        recreated = recreated.len(),
         "migrated"
     );
-    Ok(())
+    Ok(Installed {
+        capture_triggers: triggers,
+        capture_was_installed,
+        analytics_migrations: applied,
+        queue_migrations: queue,
+        recreated,
+    })
 }
 
 /// Stops a command that needs our schemas with "run `crm-analytics migrate`" when they are

@@ -6,14 +6,17 @@
 //! nothing; a later release appends migrations. Only versions are recorded, not the text
 //! of the files: an applied migration never runs again, whatever its file says now.
 //!
-//! [`all`] installs every component at once (`crm-analytics migrate`); [`require_installed`]
-//! is the check every other command makes first.
+//! [`all`] installs every component at once (`crm-analytics migrate`) and recreates what
+//! went missing since (see `heal`); [`require_installed`] is the check every other command
+//! makes first.
 
+mod heal;
 mod install;
 
 use sqlx::PgPool;
 
-pub use install::{all, all_with, require_installed, InstallError};
+pub use heal::{heal_analytics, missing_analytics_objects};
+pub use install::{all, all_reporting, all_with, require_installed, InstallError, Installed};
 
 /// One forward-only schema change.
 pub struct Migration {
