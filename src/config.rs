@@ -243,9 +243,10 @@ pub struct PipelineArgs {
     #[arg(long, env = "CRM_ANALYTICS_RELAY_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub relay_timeout: Duration,
 
-    /// How long applied event ids are remembered to drop duplicate deliveries. Must exceed
-    /// the longest time a delivered-but-unacknowledged message can take to come back.
-    #[arg(long, env = "CRM_ANALYTICS_DEDUP_RETENTION", default_value = "24h", value_parser = parse_duration)]
+    /// How long applied event ids are remembered to drop duplicate deliveries (at least
+    /// 1h; ids of events still waiting in the outbox are kept however old).
+    #[arg(long, env = "CRM_ANALYTICS_DEDUP_RETENTION", default_value = "24h",
+          value_parser = parse_dedup_retention)]
     pub dedup_retention: Duration,
 
     /// How often this process vacuums the queue tables it drains (the outbox for a relay,
@@ -293,6 +294,25 @@ impl PipelineArgs {
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(text)
         .map_err(|e| format!("{e}; write a duration such as 500ms, 30s, 5m or 7d"))
+}
+
+/// The shortest CRM_ANALYTICS_DEDUP_RETENTION accepted.
+pub const MIN_DEDUP_RETENTION: Duration = Duration::from_secs(3600);
+
+/// CRM_ANALYTICS_DEDUP_RETENTION: a duration of at least [`MIN_DEDUP_RETENTION`]. A broker
+/// delivers again a message whose acknowledgement was lost (after a lease, or later: a
+/// standard SQS queue may deliver a copy at any time); an id forgotten before that copy
+/// arrives would let it count twice.
+pub fn parse_dedup_retention(text: &str) -> Result<Duration, String> {
+    let retention = parse_duration(text)?;
+    if retention < MIN_DEDUP_RETENTION {
+        return Err(format!(
+            "{text} is too short: a queue may deliver an applied event again after its \
+             acknowledgement was lost, and an event id forgotten by then would be counted \
+             twice; write at least 1h (the default 24h suits most installations)"
+        ));
+    }
+    Ok(retention)
 }
 
 /// A listen address: `host:port`, the host an IP address or a name that resolves (the
@@ -373,6 +393,22 @@ mod tests {
         for bad in ["localhost", "localhost:http", ":8080", "localhost:99999"] {
             let error = parse_listen(bad).expect_err(bad);
             assert!(error.contains("e.g. 127.0.0.1:8080"), "{error}");
+        }
+    }
+
+    #[test]
+    fn a_dedup_retention_too_short_for_redeliveries_is_refused_saying_why() {
+        assert_eq!(
+            parse_dedup_retention("24h"),
+            Ok(Duration::from_secs(86_400))
+        );
+        assert_eq!(parse_dedup_retention("1h"), Ok(MIN_DEDUP_RETENTION));
+        for short in ["0s", "59m", "10s"] {
+            let error = parse_dedup_retention(short).expect_err(short);
+            assert!(
+                error.contains("counted twice") && error.contains("at least 1h"),
+                "{error}"
+            );
         }
     }
 }

@@ -1,6 +1,7 @@
 //! Maintenance: the loops that keep tables from growing. Pruning deletes the relayed outbox
 //! rows kept for CRM_ANALYTICS_OUTBOX_RETENTION, the idempotency ledger past
-//! CRM_ANALYTICS_DEDUP_RETENTION and latency histograms older than a day, in slices so that
+//! CRM_ANALYTICS_DEDUP_RETENTION (never an entry whose event may still be published again,
+//! see `ledger_keep`) and latency histograms older than a day, in slices so that
 //! no statement holds locks for long. Vacuuming reclaims the dead rows that every relayed
 //! or applied event leaves in queue-like tables (each row inserted once and deleted once),
 //! so that claims never scan through them: the relay runs [`vacuum_loop`] on the outbox,
@@ -46,6 +47,29 @@ async fn prune(
     }
 }
 
+/// Beyond the age of the oldest event still in the outbox, ledger entries are kept this
+/// much longer: it covers the time between reading that age and pruning.
+const OUTBOX_MARGIN: Duration = Duration::from_secs(60);
+
+/// How long the ledger must keep an applied event id: the retention, and at least as long
+/// as the oldest event still in the CRM's outbox has existed. An event stays in the outbox
+/// when a relay published it and died before its claim committed; it will be published
+/// again whenever a relay runs next, however long that takes, and its ledger entry (applied
+/// after it was created) must still be there to drop it. The age is measured on the CRM
+/// server's clock and compared on the analytics server's as a duration, so the two
+/// clocks need not agree.
+async fn ledger_keep(crm: &PgPool, retention: Duration) -> Result<Duration, sqlx::Error> {
+    let oldest: Option<f64> = sqlx::query_scalar(
+        "SELECT extract(epoch FROM now() - min(created_at))::float8 FROM crm_analytics.event_outbox",
+    )
+    .fetch_one(crm)
+    .await?;
+    let outbox = oldest.map_or(Duration::ZERO, |seconds| {
+        Duration::from_secs_f64(seconds.max(0.0)) + OUTBOX_MARGIN
+    });
+    Ok(retention.max(outbox))
+}
+
 /// One pass over everything that is pruned.
 pub async fn run_once(
     crm: &PgPool,
@@ -63,7 +87,7 @@ pub async fn run_once(
         analytics,
         "crm_analytics.applied_events",
         "applied_at",
-        config.dedup_retention,
+        ledger_keep(crm, config.dedup_retention).await?,
     )
     .await?;
     let latency = prune(

@@ -241,3 +241,19 @@ fn an_endpoint_with_a_password_is_refused_without_showing_it() {
         );
     }
 }
+
+#[test]
+fn a_dedup_retention_too_short_for_redeliveries_is_refused_naming_the_setting() {
+    let mut command = crm_analytics(
+        &["run"],
+        Some("postgres://postgres@127.0.0.1:5432/postgres"),
+    );
+    command.env("CRM_ANALYTICS_DEDUP_RETENTION", "0s");
+    let output = run_bounded(command, Duration::from_secs(20));
+    let said = text(&output);
+    assert_eq!(output.status.code(), Some(2), "{said}");
+    assert!(
+        said.contains("dedup-retention") && said.contains("counted twice"),
+        "{said}"
+    );
+}

@@ -75,3 +75,130 @@ async fn retention_prunes_the_ledger_and_the_kept_outbox() {
     assert_eq!(kept, (0, 0));
     db.finish(pool).await;
 }
+
+/// The real queue, except that a publish reports failure after the queue took the events:
+/// a relay that dies between its publish and its commit. The events are in the queue and
+/// still in the outbox, to be published again whenever a relay runs next.
+struct PublishedThenFailed(std::sync::Arc<dyn crm_analytics::queue::Queue>);
+
+#[async_trait::async_trait]
+impl crm_analytics::queue::Queue for PublishedThenFailed {
+    fn backend(&self) -> &'static str {
+        self.0.backend()
+    }
+    async fn publish_messages(
+        &self,
+        messages: &[crm_analytics::queue::Message],
+    ) -> Result<(), crm_analytics::queue::QueueError> {
+        self.0.publish_messages(messages).await?;
+        Err(crm_analytics::queue::QueueError::Setting(
+            "the relay died before its commit".into(),
+        ))
+    }
+    async fn receive(
+        &self,
+        max: usize,
+        wait: Duration,
+    ) -> Result<Box<dyn crm_analytics::queue::ReceivedBatch>, crm_analytics::queue::QueueError>
+    {
+        self.0.receive(max, wait).await
+    }
+    async fn depth(&self) -> Result<crm_analytics::queue::Depth, crm_analytics::queue::QueueError> {
+        self.0.depth().await
+    }
+    async fn is_full(&self) -> Result<bool, crm_analytics::queue::QueueError> {
+        self.0.is_full().await
+    }
+}
+
+#[tokio::test]
+async fn a_relay_down_longer_than_the_dedup_retention_does_not_count_an_event_twice() {
+    let (db, pool) = TestDb::migrated().await;
+    common::run_workload(&pool, 2, 60, 17).await;
+    let written: i64 = sqlx::query_scalar("SELECT count(*) FROM crm_analytics.event_outbox")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let args = db.args();
+    let queue = common::open_queue(&pool, u64::MAX).await;
+    let relay = crm_analytics::relay::RelayConfig {
+        loops: 1,
+        batch_size: 100_000,
+        poll_interval: Duration::from_millis(250),
+        outbox_retention: Duration::ZERO,
+        timeout: Duration::from_secs(30),
+    };
+    crm_analytics::relay::relay_once(&pool, &pool, &PublishedThenFailed(queue.clone()), &relay)
+        .await
+        .expect_err("the relay died after publishing");
+
+    // Workers alone (no relay runs) apply what reached the queue.
+    let pipeline = crm_analytics::pipeline::Pipeline::assemble(
+        db.pool(4).await,
+        db.pool(12).await,
+        queue.clone(),
+        &args,
+    )
+    .expect("assemble");
+    let stop = tokio_util::sync::CancellationToken::new();
+    let workers = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            let roles = crm_analytics::pipeline::Roles {
+                relay: false,
+                workers: true,
+            };
+            pipeline.run(roles, stop).await
+        }
+    });
+    let started = Instant::now();
+    let count_applied = "SELECT count(*) FROM crm_analytics.applied_events";
+    loop {
+        let applied: i64 = sqlx::query_scalar(count_applied)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        if applied == written {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{applied} of {written}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.cancel();
+    workers.await.expect("join").expect("workers");
+
+    // Long past the retention (here 10 ms), the ledger still holds every event the outbox
+    // holds: those are published again when a relay comes back.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let short = MaintenanceConfig {
+        outbox_retention: Duration::from_millis(10),
+        dedup_retention: Duration::from_millis(10),
+    };
+    maintenance::run_once(&pool, &pool, &short).await.unwrap();
+    let kept: i64 = sqlx::query_scalar(count_applied)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        kept, written,
+        "ledger entries of events still in the outbox were pruned"
+    );
+
+    let running = common::start(&db, &args).await;
+    common::drain(&pool, Duration::from_secs(60)).await;
+    running.stop().await;
+    common::assert_nontrivial(&pool).await;
+    common::assert_exact(&pool).await;
+
+    // Once the outbox is empty, the retention applies again.
+    maintenance::run_once(&pool, &pool, &short).await.unwrap();
+    let kept: i64 = sqlx::query_scalar(count_applied)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(kept, 0);
+    db.finish(pool).await;
+}
