@@ -49,6 +49,7 @@ async fn migrate_is_idempotent_and_versioned() {
             ("capture".into(), 2),
             ("capture".into(), 3),
             ("capture".into(), 4),
+            ("capture".into(), 5),
             ("postgres_queue".into(), 1)
         ]
     );

@@ -77,7 +77,7 @@ async fn a_dropped_analytics_schema_is_recreated_as_a_fresh_install_has_it() {
     fresh.finish(fresh_pool).await;
 
     let (db, pool) = TestDb::migrated().await;
-    common::run_workload(&pool, 2, 50, 3).await;
+    common::run_workload(&pool, 2, 200, 3).await;
     run_sql(&pool, "DROP SCHEMA analytics CASCADE").await;
     let installed = migrate(&pool).await;
     for wanted in [

@@ -33,6 +33,11 @@ pub const MIGRATIONS: &[Migration] = &[
         description: "trigger functions owned by a role with only capture's rights",
         sql: include_str!("sql/004_capture_role.sql"),
     },
+    Migration {
+        version: 5,
+        description: "event ids that never repeat across restores, failovers and copies",
+        sql: include_str!("sql/005_ids_across_restores.sql"),
+    },
 ];
 
 /// Owner of the trigger functions: may append to the outbox and read the sleep flag, no more.

@@ -49,6 +49,44 @@ impl TestDb {
         }
     }
 
+    /// A file-level copy of this database (`CREATE DATABASE … TEMPLATE`), as a restore of a
+    /// backup into a new database gives. Connections still open to this database are ended.
+    pub async fn copy(&self) -> Self {
+        let name = format!("crm_analytics_test_{}", uuid::Uuid::new_v4().simple());
+        let mut admin = PgConnection::connect(&format!("{}/postgres", server_url()))
+            .await
+            .expect("connect");
+        // Connections just closed may take a moment to end on the server; any still open
+        // (a listener ending in the background) are ended, as a restore would.
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let _ = sqlx::query(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                 WHERE datname = $1 AND pid <> pg_backend_pid()",
+            )
+            .bind(&self.name)
+            .execute(&mut admin)
+            .await;
+            let copied = sqlx::raw_sql(&format!("CREATE DATABASE {name} TEMPLATE {}", self.name))
+                .execute(&mut admin)
+                .await;
+            match copied {
+                Ok(_) => break,
+                Err(error) if std::time::Instant::now() < deadline => {
+                    let _ = error;
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(error) => panic!("copy the test database (connections still open?): {error}"),
+            }
+        }
+        let archive = std::env::temp_dir().join(&name);
+        Self {
+            url: format!("{}/{name}", server_url()),
+            name,
+            archive,
+        }
+    }
+
     /// A fresh database with the reference CRM schema, capture and analytics installed.
     pub async fn migrated() -> (Self, PgPool) {
         let db = Self::create().await;
