@@ -28,14 +28,28 @@ async fn prune(
     column: &str,
     age: Duration,
 ) -> Result<u64, sqlx::Error> {
+    // Nothing is that old (and the interval below would not hold it).
+    let Ok(millis) = i64::try_from(age.as_millis()) else {
+        return Ok(0);
+    };
+    if age > Duration::from_secs(100 * 365 * 86_400) {
+        return Ok(0);
+    }
+    // The cutoff is read once: recomputed per slice, it would move forward during a long
+    // prune (past what `ledger_keep` allowed for).
+    let cutoff: chrono::DateTime<chrono::Utc> =
+        sqlx::query_scalar("SELECT now() - $1 * interval '1 millisecond'")
+            .bind(millis)
+            .fetch_one(pool)
+            .await?;
     let sql = format!(
         "DELETE FROM {table} WHERE ctid = ANY (ARRAY(
-            SELECT ctid FROM {table} WHERE {column} < now() - $1 * interval '1 millisecond' LIMIT $2))"
+            SELECT ctid FROM {table} WHERE {column} < $1 LIMIT $2))"
     );
     let mut total = 0;
     loop {
         let n = sqlx::query(&sql)
-            .bind(age.as_millis() as i64)
+            .bind(cutoff)
             .bind(SLICE)
             .execute(pool)
             .await?
@@ -60,13 +74,17 @@ const OUTBOX_MARGIN: Duration = Duration::from_secs(60);
 /// clocks need not agree.
 async fn ledger_keep(crm: &PgPool, retention: Duration) -> Result<Duration, sqlx::Error> {
     let oldest: Option<f64> = sqlx::query_scalar(
-        "SELECT extract(epoch FROM now() - min(created_at))::float8 FROM crm_analytics.event_outbox",
+        "SELECT extract(epoch FROM now() - min(created_at))::float8 FROM crm_analytics.event_outbox
+         WHERE processed_at IS NULL",
     )
     .fetch_one(crm)
     .await?;
-    let outbox = oldest.map_or(Duration::ZERO, |seconds| {
-        Duration::from_secs_f64(seconds.max(0.0)) + OUTBOX_MARGIN
-    });
+    let outbox = match oldest {
+        None => Duration::ZERO,
+        // An age that is no duration (a clock far off) keeps everything.
+        Some(seconds) => Duration::try_from_secs_f64(seconds.max(0.0))
+            .map_or(Duration::MAX, |age| age.saturating_add(OUTBOX_MARGIN)),
+    };
     Ok(retention.max(outbox))
 }
 

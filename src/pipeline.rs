@@ -310,6 +310,7 @@ impl Pipeline {
                 poll_interval: args.poll_interval,
                 outbox_retention: args.outbox_retention,
                 timeout: args.relay_timeout,
+                renew_ledger_after: args.dedup_retention / 2,
             },
             worker: WorkerConfig {
                 workers: args.workers(),

@@ -78,6 +78,7 @@ async fn a_stalled_archive_write_holds_no_shared_row() {
         poll_interval: Duration::from_secs(1),
         outbox_retention: Duration::ZERO,
         timeout: Duration::from_secs(30),
+        renew_ledger_after: Duration::from_secs(1800),
     };
     let relayed = relay_once(&pool, &pool, &*queue, &relay).await.unwrap();
     assert_eq!(relayed, 41);

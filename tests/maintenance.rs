@@ -114,7 +114,7 @@ impl crm_analytics::queue::Queue for PublishedThenFailed {
 #[tokio::test]
 async fn a_relay_down_longer_than_the_dedup_retention_does_not_count_an_event_twice() {
     let (db, pool) = TestDb::migrated().await;
-    common::run_workload(&pool, 2, 60, 17).await;
+    common::run_workload(&pool, 2, 250, 17).await;
     let written: i64 = sqlx::query_scalar("SELECT count(*) FROM crm_analytics.event_outbox")
         .fetch_one(&pool)
         .await
@@ -127,6 +127,7 @@ async fn a_relay_down_longer_than_the_dedup_retention_does_not_count_an_event_tw
         poll_interval: Duration::from_millis(250),
         outbox_retention: Duration::ZERO,
         timeout: Duration::from_secs(30),
+        renew_ledger_after: Duration::from_secs(1800),
     };
     crm_analytics::relay::relay_once(&pool, &pool, &PublishedThenFailed(queue.clone()), &relay)
         .await
@@ -185,6 +186,34 @@ async fn a_relay_down_longer_than_the_dedup_retention_does_not_count_an_event_tw
     assert_eq!(
         kept, written,
         "ledger entries of events still in the outbox were pruned"
+    );
+
+    // The relay comes back and publishes them again: they leave the outbox and wait in
+    // the queue. Their ledger entries, renewed as they were published, outlive a retention
+    // their first application is already past.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let back = crm_analytics::relay::RelayConfig {
+        renew_ledger_after: Duration::ZERO,
+        ..relay
+    };
+    let again = crm_analytics::relay::relay_once(&pool, &pool, &*queue, &back)
+        .await
+        .expect("relay");
+    assert_eq!(again as i64, written);
+    let one_second = MaintenanceConfig {
+        outbox_retention: Duration::from_secs(1),
+        dedup_retention: Duration::from_secs(1),
+    };
+    maintenance::run_once(&pool, &pool, &one_second)
+        .await
+        .unwrap();
+    let kept: i64 = sqlx::query_scalar(count_applied)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        kept, written,
+        "ledger entries of events published again were pruned before their copies arrived"
     );
 
     let running = common::start(&db, &args).await;

@@ -12,9 +12,13 @@ use sqlx::PgPool;
 /// function, grant and default privilege, sorted: equal lines mean equal shapes.
 async fn shape(pool: &PgPool) -> Vec<String> {
     let mut lines: Vec<String> = sqlx::query_scalar(
-        "SELECT format('column %s.%s #%s %s null=%s default=%s', table_schema, table_name,
-                       ordinal_position, data_type, is_nullable, column_default)
-         FROM information_schema.columns WHERE table_schema IN ('analytics', 'crm_analytics')
+        "SELECT format('column %s #%s %s not-null=%s default=%s', a.attrelid::regclass, a.attnum,
+                       format_type(a.atttypid, a.atttypmod), a.attnotnull,
+                       pg_get_expr(d.adbin, d.adrelid))
+         FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
+         LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+         WHERE c.relnamespace IN ('analytics'::regnamespace, 'crm_analytics'::regnamespace)
+           AND c.relkind = 'r' AND a.attnum > 0 AND NOT a.attisdropped
          UNION ALL
          SELECT format('constraint %s %s %s', conrelid::regclass, conname, pg_get_constraintdef(oid))
          FROM pg_constraint
@@ -117,6 +121,7 @@ async fn a_dropped_table_a_revoked_grant_and_a_dropped_capture_trigger_are_resto
     run_sql(
         &pool,
         "DROP TABLE analytics.revenue_metrics;
+         DROP TABLE crm_analytics.failed_events;
          REVOKE SELECT ON analytics.lead_funnel_metrics FROM analytics_reader;
          DROP TRIGGER notify_aggregates_changed ON analytics.event_counts;
          DROP TRIGGER crm_analytics_capture ON public.leads;",
@@ -130,6 +135,7 @@ async fn a_dropped_table_a_revoked_grant_and_a_dropped_capture_trigger_are_resto
         [
             "select on analytics.lead_funnel_metrics for analytics_reader",
             "table analytics.revenue_metrics",
+            "table crm_analytics.failed_events",
             "trigger notify_aggregates_changed on analytics.event_counts",
         ]
     );

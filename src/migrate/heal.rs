@@ -55,12 +55,15 @@ pub async fn missing_analytics_objects(pool: &PgPool) -> Result<Vec<String>, Mig
          SELECT 'role analytics_reader' FROM reader WHERE NOT present
          UNION ALL
          SELECT 'usage on schema analytics for analytics_reader' FROM reader
-         WHERE present AND to_regnamespace('analytics') IS NOT NULL
-           AND NOT has_schema_privilege('analytics_reader', 'analytics', 'USAGE')
+         WHERE CASE WHEN present AND to_regnamespace('analytics') IS NOT NULL
+                    THEN NOT has_schema_privilege('analytics_reader', 'analytics', 'USAGE')
+                    ELSE false END
          UNION ALL
+         -- CASE: the privilege is asked only once the role and the table are known to exist.
          SELECT 'select on ' || name || ' for analytics_reader' FROM aggregates, reader
-         WHERE present AND to_regclass(name) IS NOT NULL
-           AND NOT has_table_privilege('analytics_reader', name, 'SELECT')",
+         WHERE CASE WHEN present AND to_regclass(name) IS NOT NULL
+                    THEN NOT has_table_privilege('analytics_reader', name, 'SELECT')
+                    ELSE false END",
     )
     .bind(TABLES.as_slice())
     .bind(AGGREGATE_TABLES.as_slice())

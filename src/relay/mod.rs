@@ -33,6 +33,12 @@ pub struct RelayConfig {
     /// Longest a claiming transaction may wait on one step (claim, publish, commit); zero:
     /// unbounded. It holds back the CRM's xmin horizon while it is open.
     pub timeout: Duration,
+    /// Events older than this when relayed may have been published before by a relay that
+    /// died before its commit, and applied long ago: their ledger entries (if any) are
+    /// renewed as they are published again, so that the copies now in the queue are still
+    /// recognised when they arrive, even after CRM_ANALYTICS_DEDUP_RETENTION. Half the
+    /// retention by default.
+    pub renew_ledger_after: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -154,9 +160,41 @@ pub async fn relay_once(
         .await;
         return Err(error);
     }
+    renew_ledger(analytics, &envelopes, config.renew_ledger_after).await?;
     tx.commit().await?;
     crate::telemetry::metrics::events_relayed(envelopes.len());
     Ok(envelopes.len())
+}
+
+/// Renews the ledger entries of the old events of a published batch (see
+/// [`RelayConfig::renew_ledger_after`]). Ordinary batches hold only recent events and cost
+/// nothing here. Before the claim commits: should this fail, the events stay in the outbox.
+async fn renew_ledger(
+    analytics: &PgPool,
+    envelopes: &[Envelope],
+    after: Duration,
+) -> Result<(), sqlx::Error> {
+    let horizon = chrono::Duration::from_std(after)
+        .ok()
+        .and_then(|after| Utc::now().checked_sub_signed(after));
+    let Some(horizon) = horizon else {
+        return Ok(()); // further back than any event
+    };
+    let old: Vec<Uuid> = envelopes
+        .iter()
+        .filter(|e| e.created_at < horizon)
+        .map(|e| e.event_id)
+        .collect();
+    if old.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "UPDATE crm_analytics.applied_events SET applied_at = now() WHERE event_id = ANY($1)",
+    )
+    .bind(&old)
+    .execute(analytics)
+    .await?;
+    Ok(())
 }
 
 /// The claimed events as messages the queue takes, and those it never can (to park).
