@@ -215,7 +215,8 @@ pub struct PipelineArgs {
     #[arg(long, env = "CRM_ANALYTICS_POLL_INTERVAL", default_value = "1s", value_parser = parse_duration)]
     pub poll_interval: Duration,
 
-    /// Failed attempts after which an event is parked in failed_events.
+    /// Attempts after which an event is parked in failed_events: failed attempts on the
+    /// postgres queue, deliveries on NATS and SQS.
     #[arg(long, env = "CRM_ANALYTICS_MAX_ATTEMPTS", default_value_t = 3,
           value_parser = clap::value_parser!(u32).range(1..=100))]
     pub max_attempts: u32,

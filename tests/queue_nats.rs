@@ -593,3 +593,37 @@ async fn a_parked_event_retried_at_once_is_applied() {
     common::assert_exact(&pool).await;
     db.finish(pool).await;
 }
+
+#[tokio::test]
+async fn status_reports_a_stream_that_does_not_exist_and_does_not_create_it() {
+    let Some(fresh) = Fresh::new(Duration::from_secs(30)) else {
+        return;
+    };
+    let (db, pool) = TestDb::migrated().await;
+    // A name nothing has created (a typo in CRM_ANALYTICS_QUEUE).
+    let queue = format!("{}/{}", fresh.url, fresh.spec.stream);
+    let (code, json) =
+        common::outage::status_command(&db.url, &[("CRM_ANALYTICS_QUEUE", queue)]).await;
+    assert_eq!(code, Some(2), "{json}");
+    assert_ne!(json["databases"]["queue"], "up", "{json}");
+    let js = fresh.jetstream().await;
+    assert!(
+        js.get_stream(&fresh.spec.stream).await.is_err(),
+        "status created the stream"
+    );
+
+    // Once a worker has created it, status reads it.
+    fresh.open().await;
+    let queue = format!("{}/{}", fresh.url, fresh.spec.stream);
+    let env = [
+        ("CRM_ANALYTICS_QUEUE", queue),
+        (
+            "CRM_ANALYTICS_NATS_CONSUMER",
+            fresh.options.nats.consumer.clone(),
+        ),
+    ];
+    let (code, json) = common::outage::status_command(&db.url, &env).await;
+    assert_eq!(code, Some(0), "{json}");
+    assert_eq!(json["databases"]["queue"], "up", "{json}");
+    db.finish(pool).await;
+}

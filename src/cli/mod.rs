@@ -332,9 +332,14 @@ async fn run_pipeline(
     let (crm, analytics) = (connections.crm()?, connections.analytics()?);
     let pipeline = Pipeline::open(crm.clone(), analytics.clone(), db, args, roles).await?;
     tracing::info!(
-        workers = pipeline.worker.workers,
+        relay_loops = if roles.relay { args.relays } else { 0 },
+        workers = if roles.workers {
+            pipeline.worker.workers
+        } else {
+            0
+        },
         batch_size = args.batch_size,
-        ?roles,
+        queue = pipeline.queue.backend(),
         "pipeline running"
     );
     let served: futures::future::BoxFuture<'_, anyhow::Result<()>> = match serving {

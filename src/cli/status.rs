@@ -100,7 +100,13 @@ async fn open_queue(
             &lazy
         }
     };
-    match tokio::time::timeout(READ_TIMEOUT, db.queue.open_unbounded(analytics)).await {
+    let options = crate::queue::QueueOptions {
+        consumes: false,
+        creates: false,
+        ..db.queue.options(u64::MAX)
+    };
+    let opening = crate::queue::open(&db.queue.spec, analytics, &options);
+    match tokio::time::timeout(READ_TIMEOUT, opening).await {
         Ok(Ok(queue)) => Ok(queue),
         Ok(Err(error)) => Err(Unread::Unreachable(format!("cannot open it: {error}"))),
         Err(_) => Err(Unread::Unreachable(format!(

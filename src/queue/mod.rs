@@ -190,6 +190,9 @@ pub struct QueueOptions {
     /// brings the broker's consumer settings in line with its lease (NATS ack wait); a
     /// relay, `status`, the API or `failed retry` use the consumer as they find it.
     pub consumes: bool,
+    /// Whether a missing stream, consumer or queue is created. `status` only looks: a
+    /// mistyped name must be reported, not created and shown as a healthy empty queue.
+    pub creates: bool,
 }
 
 impl Default for QueueOptions {
@@ -200,6 +203,7 @@ impl Default for QueueOptions {
             nats: nats::NatsOptions::default(),
             sqs: sqs::SqsSettings::default(),
             consumes: true,
+            creates: true,
         }
     }
 }

@@ -263,6 +263,7 @@ impl QueueArgs {
                 ..Default::default()
             },
             consumes: true,
+            creates: true,
         }
     }
 

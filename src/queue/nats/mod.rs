@@ -79,6 +79,9 @@ impl NatsQueue {
         let context = jetstream::ContextBuilder::new()
             .timeout(REQUEST_TIMEOUT)
             .build(client.clone());
+        if !options.creates {
+            setup::require_existing(&context, &spec.stream, consumer_name).await?;
+        }
         let stream = setup::stream(&context, &spec.stream, &subject).await?;
         let consumer = setup::consumer(
             &stream,
@@ -136,6 +139,8 @@ async fn connect(spec: &NatsSpec) -> Result<Client, QueueError> {
                 // async-nats logs connecting itself; a lost connection is worth a warning.
                 Event::Connected => tracing::debug!("connected to NATS"),
                 Event::Disconnected => tracing::warn!("disconnected from NATS; reconnecting"),
+                // The client closing its connection (the process shutting down).
+                Event::Closed => tracing::debug!("NATS connection closed"),
                 other => tracing::warn!(event = %other, "NATS connection"),
             }
         });

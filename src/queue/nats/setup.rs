@@ -103,6 +103,31 @@ pub async fn stream(
     Ok(found)
 }
 
+/// Fails unless the stream and the consumer exist (for a process that must not create
+/// them): a mistyped name is an error, not a new empty queue.
+pub async fn require_existing(
+    context: &Context,
+    stream: &str,
+    consumer: &str,
+) -> Result<(), QueueError> {
+    let missing = |what: String| {
+        QueueError::Setting(format!(
+            "{what} does not exist on this NATS server; relays and workers create it when they \
+             start. Check the stream in CRM_ANALYTICS_QUEUE (nats://HOST:PORT/STREAM) and \
+             CRM_ANALYTICS_NATS_CONSUMER"
+        ))
+    };
+    let found = context
+        .get_stream(stream)
+        .await
+        .map_err(|_| missing(format!("the stream {stream}")))?;
+    found
+        .consumer_info(consumer)
+        .await
+        .map_err(|_| missing(format!("the consumer {consumer} of stream {stream}")))?;
+    Ok(())
+}
+
 fn stream_error(name: &str, subject: &str, error: &CreateStreamError) -> QueueError {
     let text = error.to_string();
     if text.contains("overlap") {

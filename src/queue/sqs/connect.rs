@@ -113,6 +113,7 @@ pub(super) async fn queue_url(
     client: &Client,
     target: &SqsTarget,
     lease_seconds: i32,
+    creates: bool,
 ) -> Result<String, QueueError> {
     let name = match target {
         SqsTarget::Url(url) => {
@@ -127,7 +128,11 @@ pub(super) async fn queue_url(
             check_existing(client, &url).await?;
             Ok(url)
         }
-        None => create(client, name, target.is_fifo(), lease_seconds).await,
+        None if creates => create(client, name, target.is_fifo(), lease_seconds).await,
+        None => Err(QueueError::Setting(format!(
+            "the SQS queue {name} does not exist; relays and workers create it when they \
+             start. Check the name in CRM_ANALYTICS_QUEUE"
+        ))),
     }
 }
 

@@ -97,7 +97,7 @@ impl SqsQueue {
     pub async fn open(target: &SqsTarget, options: &QueueOptions) -> Result<Self, QueueError> {
         let lease_seconds = lease_seconds(options.lease);
         let client = connect::client(target, &options.sqs).await?;
-        let url = connect::queue_url(&client, target, lease_seconds).await?;
+        let url = connect::queue_url(&client, target, lease_seconds, options.creates).await?;
         tracing::debug!(queue = %target, %url, lease_s = lease_seconds, "SQS queue open");
         Ok(Self {
             shared: Arc::new(Shared {
