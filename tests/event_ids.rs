@@ -94,18 +94,6 @@ async fn write_and_apply(crm_db: &TestDb, analytics: &PgPool, seed: u64) {
     crm.close().await;
 }
 
-async fn assert_exact_across(crm: &PgPool, analytics: &PgPool) {
-    let found = crm_analytics::aggregates::verify::verify(crm, analytics, "public", 10)
-        .await
-        .expect("verify");
-    assert!(
-        found.differences == 0,
-        "{} aggregate rows differ from the recomputation, first: {:#?}",
-        found.differences,
-        found.shown
-    );
-}
-
 /// The CRM's database is restored from a backup taken before some events that the
 /// pipeline applied; after a rebuild from the restored CRM, its new events all count.
 #[tokio::test]
@@ -135,7 +123,7 @@ async fn a_crm_restored_to_an_earlier_point_gets_its_new_events_applied() {
     write_and_apply(&backup, &analytics, 3).await;
 
     let restored = backup.pool(4).await;
-    assert_exact_across(&restored, &analytics).await;
+    common::assert_exact_across(&restored, &analytics).await;
     let applied_new: i64 = sqlx::query_scalar("SELECT count(*) FROM crm_analytics.event_outbox")
         .fetch_one(&restored)
         .await

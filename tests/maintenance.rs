@@ -111,6 +111,14 @@ impl crm_analytics::queue::Queue for PublishedThenFailed {
     }
 }
 
+/// Event ids in the idempotency ledger.
+async fn ledger_size(pool: &sqlx::PgPool) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM crm_analytics.applied_events")
+        .fetch_one(pool)
+        .await
+        .expect("count the ledger")
+}
+
 #[tokio::test]
 async fn a_relay_down_longer_than_the_dedup_retention_does_not_count_an_event_twice() {
     let (db, pool) = TestDb::migrated().await;
@@ -153,12 +161,8 @@ async fn a_relay_down_longer_than_the_dedup_retention_does_not_count_an_event_tw
         }
     });
     let started = Instant::now();
-    let count_applied = "SELECT count(*) FROM crm_analytics.applied_events";
     loop {
-        let applied: i64 = sqlx::query_scalar(count_applied)
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+        let applied: i64 = ledger_size(&pool).await;
         if applied == written {
             break;
         }
@@ -179,10 +183,7 @@ async fn a_relay_down_longer_than_the_dedup_retention_does_not_count_an_event_tw
         dedup_retention: Duration::from_millis(10),
     };
     maintenance::run_once(&pool, &pool, &short).await.unwrap();
-    let kept: i64 = sqlx::query_scalar(count_applied)
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    let kept: i64 = ledger_size(&pool).await;
     assert_eq!(
         kept, written,
         "ledger entries of events still in the outbox were pruned"
@@ -207,10 +208,7 @@ async fn a_relay_down_longer_than_the_dedup_retention_does_not_count_an_event_tw
     maintenance::run_once(&pool, &pool, &one_second)
         .await
         .unwrap();
-    let kept: i64 = sqlx::query_scalar(count_applied)
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    let kept: i64 = ledger_size(&pool).await;
     assert_eq!(
         kept, written,
         "ledger entries of events published again were pruned before their copies arrived"
@@ -224,10 +222,7 @@ async fn a_relay_down_longer_than_the_dedup_retention_does_not_count_an_event_tw
 
     // Once the outbox is empty, the retention applies again.
     maintenance::run_once(&pool, &pool, &short).await.unwrap();
-    let kept: i64 = sqlx::query_scalar(count_applied)
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    let kept: i64 = ledger_size(&pool).await;
     assert_eq!(kept, 0);
     db.finish(pool).await;
 }

@@ -571,6 +571,24 @@ async fn a_missing_queue_is_a_lasting_error_and_an_unreachable_server_a_passing_
     assert!(error.to_string().contains("GetQueueUrl"), "{error}");
 }
 
+/// One attribute of the queue, as SQS reports it.
+async fn queue_attribute(
+    queue: &SqsQueue,
+    name: aws_sdk_sqs::types::QueueAttributeName,
+) -> Option<String> {
+    queue
+        .client()
+        .get_queue_attributes()
+        .queue_url(queue.url())
+        .attribute_names(name.clone())
+        .send()
+        .await
+        .expect("attributes")
+        .attributes()
+        .and_then(|a| a.get(&name))
+        .cloned()
+}
+
 #[tokio::test]
 async fn a_queue_created_by_name_keeps_messages_for_sqs_longest_retention() {
     let Some(endpoint) = common::aws_endpoint() else {
@@ -580,18 +598,11 @@ async fn a_queue_created_by_name_keeps_messages_for_sqs_longest_retention() {
     let queue = SqsQueue::open(&target, &options(&endpoint, Duration::from_secs(30)))
         .await
         .expect("open");
-    let attributes = queue
-        .client()
-        .get_queue_attributes()
-        .queue_url(queue.url())
-        .attribute_names(aws_sdk_sqs::types::QueueAttributeName::MessageRetentionPeriod)
-        .send()
-        .await
-        .expect("attributes");
-    let retention = attributes
-        .attributes()
-        .and_then(|a| a.get(&aws_sdk_sqs::types::QueueAttributeName::MessageRetentionPeriod))
-        .cloned();
+    let retention = queue_attribute(
+        &queue,
+        aws_sdk_sqs::types::QueueAttributeName::MessageRetentionPeriod,
+    )
+    .await;
     assert_eq!(
         retention.as_deref(),
         Some("1209600"),
@@ -650,17 +661,8 @@ async fn a_queue_that_would_move_events_to_a_dead_letter_queue_is_refused() {
     let dead = SqsQueue::open(&dead, &options(&endpoint, Duration::from_secs(30)))
         .await
         .expect("open the dead-letter queue");
-    let arn = dead
-        .client()
-        .get_queue_attributes()
-        .queue_url(dead.url())
-        .attribute_names(aws_sdk_sqs::types::QueueAttributeName::QueueArn)
-        .send()
+    let arn = queue_attribute(&dead, aws_sdk_sqs::types::QueueAttributeName::QueueArn)
         .await
-        .expect("attributes")
-        .attributes()
-        .and_then(|a| a.get(&aws_sdk_sqs::types::QueueAttributeName::QueueArn))
-        .cloned()
         .expect("an ARN");
     let SqsTarget::Name(name) = fresh_target("") else {
         unreachable!("fresh targets are names")

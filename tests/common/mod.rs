@@ -259,7 +259,12 @@ pub async fn drain_through(pool: &PgPool, queue: &dyn Queue, timeout: Duration) 
 
 /// Every aggregate equals a full SQL recomputation over the CRM tables, row for row.
 pub async fn assert_exact(pool: &PgPool) {
-    let found = crm_analytics::aggregates::verify::verify(pool, pool, "public", 10)
+    assert_exact_across(pool, pool).await
+}
+
+/// [`assert_exact`] with the CRM and the aggregates in databases of their own.
+pub async fn assert_exact_across(crm: &PgPool, analytics: &PgPool) {
+    let found = crm_analytics::aggregates::verify::verify(crm, analytics, "public", 10)
         .await
         .expect("verify");
     assert!(
