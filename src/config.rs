@@ -256,13 +256,25 @@ pub struct PipelineArgs {
     #[arg(long, env = "CRM_ANALYTICS_VACUUM_INTERVAL", default_value = "10s", value_parser = parse_duration)]
     pub vacuum_interval: Duration,
 
+    #[command(flatten)]
+    pub archive: ArchiveArgs,
+
+    /// Archive objects: one per batch, table and day (batch), or one per event (event).
+    #[arg(long, env = "CRM_ANALYTICS_ARCHIVE_LAYOUT", value_enum, default_value_t = Layout::Batch)]
+    pub archive_layout: Layout,
+}
+
+/// Where the archive is, as the pipeline writes it and `replay` reads it back.
+#[derive(Debug, Clone, Args)]
+pub struct ArchiveArgs {
     /// Where raw events are archived: a folder, file:///path, s3://bucket/prefix, or "none".
     #[arg(
-        long,
+        long = "archive",
+        id = "archive",
         env = "CRM_ANALYTICS_ARCHIVE",
-        default_value = "./crm-analytics-archive"
+        default_value = DEFAULT_ARCHIVE
     )]
-    pub archive: String,
+    pub location: String,
 
     /// The S3-compatible server of an s3:// archive (MinIO, Ceph, R2, ...), e.g.
     /// http://127.0.0.1:9000; http:// is allowed, requests are path-style. Unset: AWS S3, or
@@ -270,10 +282,37 @@ pub struct PipelineArgs {
     /// AWS_SECRET_ACCESS_KEY and AWS_REGION.
     #[arg(long, env = "CRM_ANALYTICS_S3_ENDPOINT", value_parser = SecretSafe(crate::archive::parse_endpoint))]
     pub s3_endpoint: Option<String>,
+}
 
-    /// Archive objects: one per batch, table and day (batch), or one per event (event).
-    #[arg(long, env = "CRM_ANALYTICS_ARCHIVE_LAYOUT", value_enum, default_value_t = Layout::Batch)]
-    pub archive_layout: Layout,
+/// `replay`: what to recompute and where the archive is.
+#[derive(Debug, Clone, Args)]
+pub struct ReplayArgs {
+    /// Recompute only the rows owned by this day and later (YYYY-MM-DD, UTC). Unset with
+    /// --to unset too: replace every aggregate.
+    #[arg(long, value_parser = parse_date)]
+    pub from: Option<chrono::NaiveDate>,
+
+    /// Recompute only the rows owned by this day and earlier (YYYY-MM-DD, UTC).
+    #[arg(long, value_parser = parse_date)]
+    pub to: Option<chrono::NaiveDate>,
+
+    #[command(flatten)]
+    pub archive: ArchiveArgs,
+
+    /// The pipeline's dedup retention (see `run --help`): with --from/--to, an event
+    /// captured within it that no batch has applied yet is counted whole by the replay.
+    #[arg(long, env = "CRM_ANALYTICS_DEDUP_RETENTION", default_value = "24h",
+          value_parser = parse_dedup_retention)]
+    pub dedup_retention: Duration,
+}
+
+/// CRM_ANALYTICS_ARCHIVE's default: a folder beside where the process runs.
+pub const DEFAULT_ARCHIVE: &str = "./crm-analytics-archive";
+
+/// A date, YYYY-MM-DD.
+pub fn parse_date(text: &str) -> Result<chrono::NaiveDate, String> {
+    chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d")
+        .map_err(|e| format!("{text:?} is not a date ({e}); write YYYY-MM-DD, e.g. 2026-03-01"))
 }
 
 /// Most workers a process runs unless CRM_ANALYTICS_WORKERS says otherwise.

@@ -3,7 +3,8 @@
 //! The stages, one module each: [`capture`] (outbox and triggers in the CRM database),
 //! [`relay`] (outbox to queue), [`queue`] (the transport, PostgreSQL by default), [`worker`]
 //! (exactly-once application), [`aggregates`] (the metrics), [`archive`] (raw events in an
-//! object store), [`backfill`] (recomputation from a snapshot), and the [`cli`].
+//! object store), [`replay`] (the aggregates rebuilt from the archive), [`backfill`]
+//! (recomputation from a snapshot), and the [`cli`].
 
 pub mod aggregates;
 pub mod api;
@@ -22,6 +23,7 @@ pub mod migrate;
 pub mod pipeline;
 pub mod queue;
 pub mod relay;
+pub mod replay;
 pub mod status;
 pub mod telemetry;
 pub mod worker;

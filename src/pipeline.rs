@@ -6,8 +6,8 @@ use sqlx::PgPool;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
-use crate::archive::{Archive, S3Options};
-use crate::config::{DatabaseArgs, PipelineArgs};
+use crate::archive::{Archive, Layout, S3Options};
+use crate::config::{ArchiveArgs, DatabaseArgs, PipelineArgs};
 use crate::maintenance::{self, MaintenanceConfig};
 use crate::queue::Queue;
 use crate::relay::{self, RelayConfig};
@@ -55,26 +55,28 @@ impl PipelineArgs {
 /// Opens the archive named by the settings, or none when it is "none". No request is made
 /// yet: [`Archive::check`] (at start of a worker process) does that.
 pub fn open_archive(args: &PipelineArgs) -> anyhow::Result<Option<Archive>> {
-    let on_s3 = args.archive.starts_with("s3://");
+    open_archive_at(&args.archive, args.archive_layout)
+}
+
+/// [`open_archive`] from the archive settings alone (`replay`, `verify --archive` read with
+/// any layout: `layout` only decides how writes are grouped).
+pub fn open_archive_at(args: &ArchiveArgs, layout: Layout) -> anyhow::Result<Option<Archive>> {
+    let on_s3 = args.location.starts_with("s3://");
     if args.s3_endpoint.is_some() && !on_s3 {
         tracing::warn!(
-            archive = %args.archive,
+            archive = %args.location,
             "CRM_ANALYTICS_S3_ENDPOINT is set but CRM_ANALYTICS_ARCHIVE is not an s3:// URL: \
              the endpoint is not used"
         );
     }
-    if args.archive.eq_ignore_ascii_case("none") {
+    if args.location.eq_ignore_ascii_case("none") {
         return Ok(None);
     }
     let s3 = S3Options {
         endpoint: args.s3_endpoint.clone(),
         ..S3Options::default()
     };
-    Ok(Some(Archive::open_with(
-        &args.archive,
-        args.archive_layout,
-        &s3,
-    )?))
+    Ok(Some(Archive::open_with(&args.location, layout, &s3)?))
 }
 
 /// Most connections a pool opens by default; larger pools are set explicitly

@@ -153,7 +153,9 @@ async fn concurrent_random_workload_is_exact_and_archived(backend: Backend, at: 
         return db.finish(pool).await;
     };
     let archive = match &endpoint {
-        None => Archive::open(&args.archive, args.archive_layout).expect("open the archive"),
+        None => {
+            Archive::open(&args.archive.location, args.archive_layout).expect("open the archive")
+        }
         Some(endpoint) => {
             let bucket = bucket_name();
             create_bucket(endpoint, &bucket).await;

@@ -7,6 +7,7 @@
 //! `<event_id>.json` object per event. A retried batch may archive an event twice; readers
 //! de-duplicate by event_id.
 
+pub mod read;
 mod s3;
 
 pub use s3::{parse_endpoint, S3Options};

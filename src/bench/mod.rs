@@ -14,6 +14,7 @@ mod materialized_views;
 mod memory;
 mod plot;
 mod queues;
+mod replay;
 mod report;
 mod scale_out;
 mod sqs_ceiling;
@@ -48,6 +49,7 @@ pub enum Measure {
     Memory,
     ScaleOut,
     Queues,
+    Replay,
 }
 
 /// Sizes of one run.
@@ -191,7 +193,7 @@ impl InProcess {
         };
         let mut args = crate::config::PipelineArgs::from_env();
         let archive = std::env::temp_dir().join(&db.name);
-        args.archive = archive.to_string_lossy().into_owned();
+        args.archive.location = archive.to_string_lossy().into_owned();
         let pipeline = match queue {
             None => crate::pipeline::Pipeline::connect(&dbargs, &args).await?,
             Some(queue) => {
@@ -323,6 +325,9 @@ pub async fn run(database_url: Option<&str>, args: BenchArgs) -> anyhow::Result<
     }
     if wanted(Measure::Queues) {
         queues::run(&server, scale, &mut report).await?;
+    }
+    if wanted(Measure::Replay) {
+        replay::run(&server, scale, &mut report).await?;
     }
     report.print();
     report.write(&args.output)?;

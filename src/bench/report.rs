@@ -119,7 +119,7 @@ impl Report {
         );
         let _ = writeln!(
             md,
-            "Sizes: backlog {} events, bulk statement {} rows, OLTP runs of {} s, freshness run of {} s, \
+            "Sizes: backlog {} events (drained, and replayed from its archive), bulk statement {} rows, OLTP runs of {} s, freshness run of {} s, \
              materialized views at {:?} CRM rows with {} CRM transactions each, steady run of {} s, \
              scale-out backlog {} events; through the queue backends a backlog of {} events ({} \
              through SQS, each drain watched for at most {} s), freshness runs of {} s and a \

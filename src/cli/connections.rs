@@ -29,8 +29,12 @@ impl Connections {
         };
         match command {
             Command::Migrate { .. } => Self::open(db, Some(2), Some(4), false).await,
-            Command::Backfill | Command::Rebuild | Command::Verify => {
+            Command::Backfill | Command::Rebuild | Command::Verify { archive: None, .. } => {
                 Self::open(db, Some(2), Some(4), true).await
+            }
+            // Only the analytics database: the archive is the source.
+            Command::Verify { .. } | Command::Replay(_) => {
+                Self::open(db, None, Some(2), true).await
             }
             // The API's queries and its response cache's listener.
             Command::Serve { .. } => Self::open(db, Some(4), Some(8), true).await,

@@ -55,7 +55,38 @@ pub enum Command {
     /// Recompute every aggregate from the CRM tables (when they are suspected corrupt).
     Rebuild,
     /// Compare the aggregates with a full recomputation; exit code 1 if they differ.
-    Verify,
+    Verify {
+        /// Compare with a recomputation from the archive instead of the CRM tables, to know
+        /// that a replay would give these numbers back. URL: the archive's location
+        /// (default CRM_ANALYTICS_ARCHIVE, as the pipeline writes it).
+        #[arg(long, value_name = "URL", num_args = 0..=1, default_missing_value = "")]
+        archive: Option<String>,
+        /// The S3-compatible server of an s3:// archive (see `run --help`).
+        #[arg(long, env = "CRM_ANALYTICS_S3_ENDPOINT",
+              value_parser = crate::config::SecretSafe(crate::archive::parse_endpoint))]
+        s3_endpoint: Option<String>,
+    },
+    /// Rebuild the aggregates from the archive alone (after losing or damaging them).
+    ///
+    /// Reads every archived event (both layouts, local folder or S3), counts each event id
+    /// once, and leaves out events parked in failed_events. Safe while the CRM writes and
+    /// `run` runs: workers pause for the duration, and every event applied by the replay is
+    /// recorded in the idempotency ledger, so that whatever the queue still delivers is
+    /// counted exactly once.
+    ///
+    /// Without --from/--to every aggregate is replaced (and event_counts' processed
+    /// counts). With them only the rows those dates own are recomputed, from every archived
+    /// event, whenever it happened: a daily_account_metrics row by its date (the day a lead
+    /// was created or converted, an activity occurred, a deal was won), a
+    /// lead_funnel_metrics row by its cohort date (the day its leads were created, however
+    /// late they changed status), a revenue_metrics row by its month when the month
+    /// overlaps the range (the whole month is recomputed). Rows with a NULL date belong to
+    /// no range.
+    ///
+    /// The archive holds the events applied since capture was attached: rows that existed
+    /// before (loaded by `backfill`) are not in it; `rebuild` recomputes from the CRM
+    /// tables instead.
+    Replay(crate::config::ReplayArgs),
     /// Run relay, workers and the API server in one process until SIGINT/SIGTERM.
     Run {
         #[command(flatten)]
@@ -215,24 +246,72 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 report.crm_rows, report.snapshot
             );
         }
-        Command::Verify => {
+        Command::Verify { archive: None, .. } => {
             let (crm, analytics) = (connections.crm()?, connections.analytics()?);
             let found = verify::verify(crm, analytics, &db.crm_schema, verify::SHOWN).await?;
-            if found.differences == 0 {
-                println!("aggregates match a full recomputation");
-            } else {
-                for line in &found.shown {
-                    println!("{line}");
-                }
-                if found.differences > found.shown.len() as u64 {
-                    println!("(only the first {} are shown)", found.shown.len());
-                }
-                println!(
-                    "{} differences (is the pipeline drained?)",
-                    found.differences
+            return Ok(report_comparison(&found, "a full recomputation"));
+        }
+        Command::Verify {
+            archive: Some(location),
+            s3_endpoint,
+        } => {
+            let location = match location.as_str() {
+                "" => std::env::var("CRM_ANALYTICS_ARCHIVE")
+                    .unwrap_or_else(|_| crate::config::DEFAULT_ARCHIVE.to_string()),
+                _ => location,
+            };
+            let args = crate::config::ArchiveArgs {
+                location,
+                s3_endpoint,
+            };
+            let archive = open_archive_to_read(&args).await?;
+            let found = crate::replay::verify::verify_archive(
+                connections.analytics()?,
+                &archive,
+                &args.location,
+                verify::SHOWN,
+            )
+            .await?;
+            return Ok(report_comparison(
+                &found,
+                "a recomputation from the archive",
+            ));
+        }
+        Command::Replay(args) => {
+            if let (Some(from), Some(to)) = (args.from, args.to) {
+                anyhow::ensure!(
+                    from <= to,
+                    "--to {to} is before --from {from}: nothing would be recomputed; give \
+                     --from the earlier day"
                 );
-                return Ok(ExitCode::from(1));
             }
+            let archive = open_archive_to_read(&args.archive).await?;
+            let range =
+                (args.from.is_some() || args.to.is_some()).then_some(crate::replay::DateRange {
+                    from: args.from,
+                    to: args.to,
+                });
+            let options = crate::replay::ReplayOptions {
+                range,
+                dedup_retention: args.dedup_retention,
+                location: args.archive.location.clone(),
+            };
+            let report =
+                crate::replay::replay(connections.analytics()?, &archive, &options).await?;
+            println!(
+                "{} events replayed from {} archive objects in {:.1} s ({:.0} events/s); {} copies \
+                 of retried batches and {} parked events left out{}",
+                report.events,
+                report.objects,
+                report.elapsed.as_secs_f64(),
+                report.events_per_second(),
+                report.duplicates,
+                report.parked,
+                match range {
+                    Some(_) => format!("; {} events not applied yet were taken over from the queue", report.claimed),
+                    None => String::new(),
+                }
+            );
         }
         Command::Run { pipeline, server } => {
             run_pipeline(
@@ -310,8 +389,40 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Runs the chosen stages (and the API server when `server` is given) over the pools the
-/// command opened, until `shutdown`.
+/// Prints what a verification found; exit code 1 on any difference.
+fn report_comparison(found: &verify::Comparison, against: &str) -> ExitCode {
+    if found.differences == 0 {
+        println!("aggregates match {against}");
+        return ExitCode::SUCCESS;
+    }
+    for line in &found.shown {
+        println!("{line}");
+    }
+    if found.differences > found.shown.len() as u64 {
+        println!("(only the first {} are shown)", found.shown.len());
+    }
+    println!(
+        "{} differences from {against} (is the pipeline drained?)",
+        found.differences
+    );
+    ExitCode::from(1)
+}
+
+/// The archive `replay` and `verify --archive` read, checked to be reachable.
+async fn open_archive_to_read(
+    args: &crate::config::ArchiveArgs,
+) -> anyhow::Result<crate::archive::Archive> {
+    let Some(archive) = crate::pipeline::open_archive_at(args, crate::archive::Layout::Batch)?
+    else {
+        anyhow::bail!(
+            "CRM_ANALYTICS_ARCHIVE=none: there is no archive to read; give its location with \
+             --archive (a folder, file:///path or s3://bucket/prefix)"
+        );
+    };
+    archive.check().await?;
+    Ok(archive)
+}
+
 /// What a pipeline process serves besides its stages.
 enum Serving<'a> {
     /// The API server (with /metrics), as `run` does.

@@ -112,7 +112,7 @@ impl TestDb {
         args.batch_size = 200;
         args.poll_interval = Duration::from_millis(250);
         args.retry_backoff = Duration::from_millis(100);
-        args.archive = self.archive.to_string_lossy().into_owned();
+        args.archive.location = self.archive.to_string_lossy().into_owned();
         args
     }
 
@@ -178,7 +178,7 @@ where
 {
     // The archive is given, not opened from the settings (which would create a folder).
     let mut args = args.clone();
-    args.archive = "none".into();
+    args.archive.location = "none".into();
     let mut pipeline = assemble(db, &args, make_queue).await;
     pipeline.applier = Arc::new(Applier {
         pool: pipeline.analytics.clone(),

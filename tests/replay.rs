@@ -1,0 +1,488 @@
+//! Replay from the archive: after schema `analytics` is dropped, `migrate` and `replay` give
+//! back aggregates equal to a recomputation from the CRM, from a local folder or S3, with
+//! the processed outbox gone (the archive the only source), copies of retried batches
+//! counted once; a replay while `run` runs and the CRM writes ends exact; an event archived
+//! by a batch that rolled back is counted once; a date-range replay recomputes only the rows
+//! its dates own; `verify --archive` finds an archive that would not give the numbers back.
+
+mod common;
+
+use common::brokers::{bucket_name, create_bucket, moto};
+use common::TestDb;
+use crm_analytics::aggregates::rows::decode;
+use crm_analytics::archive::{Archive, ArchivedEvent, Layout};
+use crm_analytics::event::Envelope;
+use crm_analytics::pipeline::{Pipeline, Roles};
+use crm_analytics::replay::{replay, DateRange, ReplayOptions, ReplayReport};
+use sqlx::PgPool;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+fn options(range: Option<DateRange>) -> ReplayOptions {
+    ReplayOptions {
+        range,
+        dedup_retention: Duration::from_secs(86_400),
+        location: "test archive".into(),
+    }
+}
+
+async fn replay_all(pool: &PgPool, archive: &Archive) -> ReplayReport {
+    replay(pool, archive, &options(None))
+        .await
+        .expect("replay the archive")
+}
+
+async fn aggregate_rows(pool: &PgPool) -> i64 {
+    sqlx::query_scalar(
+        "SELECT (SELECT count(*) FROM analytics.daily_account_metrics)
+              + (SELECT count(*) FROM analytics.lead_funnel_metrics)
+              + (SELECT count(*) FROM analytics.revenue_metrics)",
+    )
+    .fetch_one(pool)
+    .await
+    .expect("count the aggregate rows")
+}
+
+/// Drops schema `analytics` and heals it with `migrate`: the aggregates are empty.
+async fn lose_the_aggregates(pool: &PgPool) {
+    sqlx::raw_sql("DROP SCHEMA analytics CASCADE")
+        .execute(pool)
+        .await
+        .expect("drop schema analytics");
+    crm_analytics::migrate::all(pool, pool, "public", false)
+        .await
+        .expect("migrate heals");
+    assert_eq!(aggregate_rows(pool).await, 0);
+}
+
+/// The processed outbox rows are gone: the archive is the only record of the events.
+async fn forget_the_outbox(pool: &PgPool) {
+    sqlx::raw_sql("DELETE FROM crm_analytics.event_outbox_processed")
+        .execute(pool)
+        .await
+        .expect("prune the processed outbox");
+}
+
+/// Archives every object again under a new name: what retried batches leave behind.
+fn copy_every_object(root: &std::path::Path) -> usize {
+    let mut copied = 0;
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).expect("read the archive folder") {
+            let path = entry.expect("an archive entry").path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.to_string_lossy().ends_with(".jsonl.gz") {
+                let copy = dir.join(format!("{}.jsonl.gz", uuid::Uuid::new_v4()));
+                std::fs::copy(&path, copy).expect("copy an archive object");
+                copied += 1;
+            }
+        }
+    }
+    copied
+}
+
+/// An event archived by attempts that failed and then parked: in the archive, never applied
+/// (its lead is not in the CRM).
+async fn archive_a_parked_event(pool: &PgPool, archive: &Archive) {
+    let (event_id, lead) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+    let now = chrono::Utc::now();
+    let json = serde_json::json!({
+        "event_id": event_id,
+        "event_type": "leads.insert",
+        "aggregate_id": lead,
+        "xid": 1,
+        "created_at": now,
+        "payload": {"new": {"id": lead, "account_id": null, "source": "web", "status": "new",
+                            "converted_at": null, "created_at": now}},
+    })
+    .to_string();
+    let event = decode(&Envelope::from_json(&json).expect("an envelope")).expect("an event");
+    archive
+        .write(&[ArchivedEvent {
+            event_id,
+            date: event.date(),
+            table: event.table,
+            json: &json,
+        }])
+        .await
+        .expect("archive the event");
+    sqlx::query(
+        "INSERT INTO crm_analytics.failed_events (event_id, event_type, error_message, retry_count)
+         VALUES ($1, 'leads.insert', 'rejected by the database', 3)",
+    )
+    .bind(event_id)
+    .execute(pool)
+    .await
+    .expect("park the event");
+}
+
+#[tokio::test]
+async fn migrate_and_replay_give_back_dropped_aggregates_from_a_local_archive_alone() {
+    let (db, pool) = TestDb::migrated().await;
+    common::workload_through_pipeline(&db, &pool, 3, 80, 41).await;
+    common::assert_nontrivial(&pool).await;
+    let applied: i64 = sqlx::query_scalar("SELECT count(*) FROM crm_analytics.applied_events")
+        .fetch_one(&pool)
+        .await
+        .expect("count applied events");
+
+    lose_the_aggregates(&pool).await;
+    forget_the_outbox(&pool).await;
+    let copies = copy_every_object(&db.archive);
+    assert!(copies > 0);
+    let archive = Archive::open(db.archive.to_str().expect("UTF-8 path"), Layout::Batch)
+        .expect("open the archive");
+    archive_a_parked_event(&pool, &archive).await;
+    let report = replay_all(&pool, &archive).await;
+
+    common::assert_exact(&pool).await;
+    assert_eq!(report.parked, 1, "the parked event left out");
+    assert_eq!(report.events as i64, applied, "each applied event once");
+    assert_eq!(report.duplicates, report.events, "every copy dropped");
+    let counted: i64 =
+        sqlx::query_scalar("SELECT sum(processed)::int8 FROM analytics.event_counts")
+            .fetch_one(&pool)
+            .await
+            .expect("sum the event counts");
+    assert_eq!(counted, applied, "event_counts rebuilt from the archive");
+
+    // Again: a replay over replayed aggregates changes nothing.
+    replay_all(&pool, &archive).await;
+    common::assert_exact(&pool).await;
+    db.finish(pool).await;
+}
+
+#[tokio::test]
+async fn migrate_and_replay_give_back_dropped_aggregates_from_s3_in_either_layout() {
+    let Some(endpoint) = common::aws_endpoint() else {
+        return;
+    };
+    for layout in [Layout::Batch, Layout::Event] {
+        let bucket = bucket_name();
+        create_bucket(&endpoint, &bucket).await;
+        let archive =
+            Archive::open_with(&format!("s3://{bucket}/archive"), layout, &moto(&endpoint))
+                .expect("open the archive");
+        let (db, pool) = TestDb::migrated().await;
+        let analytics = db
+            .pool(crm_analytics::pipeline::analytics_pool_size(3))
+            .await;
+        let queue = common::open_queue(&analytics, 200_000).await;
+        let running =
+            common::start_archiving_to(&db, &db.args(), archive.clone(), move |_| queue).await;
+        common::run_workload(&pool, 3, 120, 43).await;
+        common::drain(&pool, Duration::from_secs(60)).await;
+        running.stop().await;
+        common::assert_nontrivial(&pool).await;
+
+        lose_the_aggregates(&pool).await;
+        forget_the_outbox(&pool).await;
+        let report = replay_all(&pool, &archive).await;
+        assert!(report.events > 100, "{layout:?}: {report:?}");
+        common::assert_exact(&pool).await;
+        analytics.close().await;
+        db.finish(pool).await;
+    }
+}
+
+#[tokio::test]
+async fn a_replay_while_run_runs_and_the_crm_writes_ends_exact() {
+    let (db, pool) = TestDb::migrated().await;
+    let running = common::start(&db, &db.args()).await;
+    let writes = {
+        let pool = pool.clone();
+        tokio::spawn(async move { common::run_workload(&pool, 3, 300, 47).await })
+    };
+    // Some events applied, more coming: the aggregates are lost and replayed meanwhile.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while aggregate_rows(&pool).await < 20 {
+        assert!(Instant::now() < deadline, "nothing applied in 60 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    sqlx::raw_sql(
+        "DELETE FROM analytics.daily_account_metrics;
+         DELETE FROM analytics.lead_funnel_metrics;
+         DELETE FROM analytics.revenue_metrics;",
+    )
+    .execute(&pool)
+    .await
+    .expect("lose the aggregates");
+    let archive = Archive::open(db.archive.to_str().expect("UTF-8 path"), Layout::Batch)
+        .expect("open the archive");
+    let report = replay_all(&pool, &archive).await;
+    assert!(report.events > 0);
+    assert!(
+        !writes.is_finished(),
+        "the CRM must still be writing when the replay ends"
+    );
+    writes.await.expect("workload");
+    common::drain(&pool, Duration::from_secs(90)).await;
+    running.stop().await;
+    common::assert_nontrivial(&pool).await;
+    common::assert_exact(&pool).await;
+    db.finish(pool).await;
+}
+
+/// The relay alone moves the outbox into the queue; then a batch of the queued events is
+/// archived as a worker does before its transaction, and the transaction "rolls back": the
+/// events are in the archive and still in the queue, applied nowhere.
+async fn archive_queued_events_as_a_failed_batch(db: &TestDb, pool: &PgPool) -> usize {
+    let args = db.args();
+    let analytics = db.pool(8).await;
+    let queue = common::open_queue(&analytics, args.queue_capacity).await;
+    let pipeline =
+        Arc::new(Pipeline::assemble(db.pool(4).await, analytics, queue, &args).expect("assemble"));
+    let stop = CancellationToken::new();
+    let relay = {
+        let (pipeline, stop) = (pipeline.clone(), stop.clone());
+        let roles = Roles {
+            relay: true,
+            workers: false,
+        };
+        tokio::spawn(async move { pipeline.run(roles, stop).await })
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let outbox: i64 = sqlx::query_scalar("SELECT count(*) FROM crm_analytics.event_outbox")
+            .fetch_one(pool)
+            .await
+            .expect("count the outbox");
+        if outbox == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the relay left {outbox} events");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.cancel();
+    relay.await.expect("relay task").expect("relay ran");
+
+    let bodies: Vec<String> =
+        sqlx::query_scalar("SELECT body FROM crm_analytics.queue ORDER BY id LIMIT 150")
+            .fetch_all(pool)
+            .await
+            .expect("read the queue");
+    let events: Vec<_> = bodies
+        .iter()
+        .map(|body| {
+            let envelope = Envelope::from_json(body).expect("an envelope");
+            decode(&envelope).expect("an event")
+        })
+        .collect();
+    let archived: Vec<ArchivedEvent> = events
+        .iter()
+        .zip(&bodies)
+        .map(|(event, body)| ArchivedEvent {
+            event_id: event.event_id,
+            date: event.date(),
+            table: event.table,
+            json: body,
+        })
+        .collect();
+    let archive = Archive::open(db.archive.to_str().expect("UTF-8 path"), Layout::Batch)
+        .expect("open the archive");
+    archive.write(&archived).await.expect("archive the batch");
+    archived.len()
+}
+
+#[tokio::test]
+async fn an_event_archived_by_a_batch_that_rolled_back_is_counted_once() {
+    let (db, pool) = TestDb::migrated().await;
+    common::workload_through_pipeline(&db, &pool, 2, 40, 53).await;
+    common::run_workload(&pool, 2, 40, 54).await;
+    let pending = archive_queued_events_as_a_failed_batch(&db, &pool).await;
+    assert!(pending > 50);
+
+    // The replay counts them; the queue still delivers them afterwards.
+    let archive = Archive::open(db.archive.to_str().expect("UTF-8 path"), Layout::Batch)
+        .expect("open the archive");
+    replay_all(&pool, &archive).await;
+    let running = common::start(&db, &db.args()).await;
+    common::drain(&pool, Duration::from_secs(60)).await;
+    running.stop().await;
+    common::assert_exact(&pool).await;
+    db.finish(pool).await;
+}
+
+#[tokio::test]
+async fn a_date_range_replay_recomputes_only_the_rows_its_dates_own() {
+    let (db, pool) = TestDb::migrated().await;
+    common::workload_through_pipeline(&db, &pool, 3, 80, 59).await;
+    let days: Vec<chrono::NaiveDate> = sqlx::query_scalar(
+        "SELECT DISTINCT date FROM analytics.daily_account_metrics
+         WHERE date IS NOT NULL ORDER BY 1",
+    )
+    .fetch_all(&pool)
+    .await
+    .expect("read the days");
+    assert!(days.len() >= 6, "too few days: {days:?}");
+    let range = DateRange {
+        from: Some(days[days.len() / 3]),
+        to: Some(days[2 * days.len() / 3]),
+    };
+    // Every row damaged; the range's rows must come back, the others stay damaged.
+    sqlx::raw_sql(
+        "UPDATE analytics.daily_account_metrics SET activities = activities + 1000;
+         UPDATE analytics.lead_funnel_metrics SET total = total + 1000;
+         UPDATE analytics.revenue_metrics SET deals_won = deals_won + 1000;",
+    )
+    .execute(&pool)
+    .await
+    .expect("damage the aggregates");
+    forget_the_outbox(&pool).await;
+    let archive = Archive::open(db.archive.to_str().expect("UTF-8 path"), Layout::Batch)
+        .expect("open the archive");
+    let report = replay(&pool, &archive, &options(Some(range)))
+        .await
+        .expect("replay the range");
+    assert_eq!(report.claimed, 0, "every event was applied: {report:?}");
+
+    let damaged: Vec<(String, bool, bool)> = sqlx::query_as(
+        "SELECT 'daily', date BETWEEN $1 AND $2, activities >= 1000
+           FROM analytics.daily_account_metrics WHERE date IS NOT NULL
+         UNION ALL
+         SELECT 'funnel', cohort_date BETWEEN $1 AND $2, total >= 1000
+           FROM analytics.lead_funnel_metrics WHERE cohort_date IS NOT NULL
+         UNION ALL
+         SELECT 'revenue', month BETWEEN date_trunc('month', $1::date)::date AND $2,
+                deals_won >= 1000
+           FROM analytics.revenue_metrics WHERE month IS NOT NULL",
+    )
+    .bind(range.from)
+    .bind(range.to)
+    .fetch_all(&pool)
+    .await
+    .expect("read the rows");
+    for table in ["daily", "funnel", "revenue"] {
+        let rows: Vec<_> = damaged.iter().filter(|(t, _, _)| t == table).collect();
+        assert!(
+            rows.iter().any(|(_, inside, _)| *inside) && rows.iter().any(|(_, inside, _)| !inside),
+            "{table}: rows on both sides of the range"
+        );
+        for (_, inside, still_damaged) in rows {
+            assert_eq!(
+                *still_damaged, !inside,
+                "{table}: rows inside the range recomputed, the others untouched"
+            );
+        }
+    }
+    // The recomputed rows are right: a full replay repairs the rest, and then all match.
+    let found = crm_analytics::aggregates::verify::verify(&pool, &pool, "public", 10_000)
+        .await
+        .expect("verify");
+    assert!(found.differences > 0);
+    replay_all(&pool, &archive).await;
+    common::assert_exact(&pool).await;
+    db.finish(pool).await;
+}
+
+#[tokio::test]
+async fn a_date_range_replay_takes_over_events_no_batch_applied_yet() {
+    let (db, pool) = TestDb::migrated().await;
+    common::workload_through_pipeline(&db, &pool, 2, 40, 61).await;
+    common::run_workload(&pool, 2, 40, 62).await;
+    let pending = archive_queued_events_as_a_failed_batch(&db, &pool).await;
+    let day = chrono::Utc::now().date_naive();
+    let range = DateRange {
+        from: Some(day),
+        to: Some(day),
+    };
+    let archive = Archive::open(db.archive.to_str().expect("UTF-8 path"), Layout::Batch)
+        .expect("open the archive");
+    let report = replay(&pool, &archive, &options(Some(range)))
+        .await
+        .expect("replay the range");
+    assert_eq!(report.claimed as usize, pending, "{report:?}");
+    let running = common::start(&db, &db.args()).await;
+    common::drain(&pool, Duration::from_secs(60)).await;
+    running.stop().await;
+    common::assert_exact(&pool).await;
+    db.finish(pool).await;
+}
+
+/// Runs the binary with `args` against `db`; returns its exit code and output.
+fn crm_analytics(db: &TestDb, args: &[&str]) -> (i32, String) {
+    let output = std::process::Command::new(common::binary())
+        .args(args)
+        .env("DATABASE_URL", &db.url)
+        .env("CRM_ANALYTICS_ARCHIVE", &db.archive)
+        .env("RUST_LOG", "info")
+        .output()
+        .expect("run the binary");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.code().unwrap_or(-1), text)
+}
+
+#[tokio::test]
+async fn verify_archive_and_replay_from_the_command_line() {
+    let (db, pool) = TestDb::migrated().await;
+    common::workload_through_pipeline(&db, &pool, 2, 40, 67).await;
+
+    let (code, out) = crm_analytics(&db, &["verify", "--archive"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("aggregates match a recomputation from the archive"),
+        "{out}"
+    );
+
+    // A lost archive object: the archive would no longer give these numbers back.
+    let mut objects = Vec::new();
+    let mut stack = vec![db.archive.clone()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).expect("read the archive") {
+            let path = entry.expect("entry").path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.to_string_lossy().contains("/leads/") {
+                objects.push(path);
+            }
+        }
+    }
+    let lost = objects.first().expect("an archived leads object").clone();
+    let kept = std::env::temp_dir().join(format!("kept-{}", uuid::Uuid::new_v4()));
+    std::fs::rename(&lost, &kept).expect("move the object aside");
+    let (code, out) = crm_analytics(&db, &["verify", "--archive"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("the archive gives"), "{out}");
+    std::fs::rename(&kept, &lost).expect("put the object back");
+
+    // Replay from the command line, its progress in the log.
+    lose_the_aggregates(&pool).await;
+    let archive = db.archive.to_string_lossy().into_owned();
+    let (code, out) = crm_analytics(&db, &["replay", "--archive", &archive]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("replay progress") && out.contains("events replayed from"),
+        "{out}"
+    );
+    common::assert_exact(&pool).await;
+
+    // Bad input: named, nothing changed.
+    let (code, out) = crm_analytics(&db, &["replay", "--from", "2026-02-30"]);
+    assert_ne!(code, 0);
+    assert!(
+        out.contains("--from") && out.contains("YYYY-MM-DD"),
+        "{out}"
+    );
+    let (code, out) = crm_analytics(
+        &db,
+        &["replay", "--from", "2026-03-02", "--to", "2026-03-01"],
+    );
+    assert_ne!(code, 0);
+    assert!(out.contains("--to") && out.contains("before"), "{out}");
+    let empty = std::env::temp_dir().join(format!("empty-{}", uuid::Uuid::new_v4()));
+    let (code, out) = crm_analytics(&db, &["replay", "--archive", empty.to_str().expect("path")]);
+    assert_ne!(code, 0);
+    assert!(
+        out.contains("holds no events") && out.contains("nothing was changed"),
+        "{out}"
+    );
+    let _ = std::fs::remove_dir_all(&empty);
+    common::assert_exact(&pool).await;
+    db.finish(pool).await;
+}
