@@ -52,7 +52,8 @@ async fn check_exact(pool: &sqlx::PgPool, what: &str) -> anyhow::Result<()> {
 pub async fn run(server: &str, scale: Scale, report: &mut Report) -> anyhow::Result<()> {
     println!("{SECTION}");
     let (db, backlog) = drain::template(server, scale.backlog).await?;
-    let pool = db.pool(2).await?;
+    // The queue's listener, and verify's two connections (CRM and analytics side).
+    let pool = db.pool(4).await?;
     let archive_dir = std::env::temp_dir().join(&db.name);
     let timeout = Duration::from_secs(((backlog / 2_000) as u64).max(120));
 
