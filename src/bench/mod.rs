@@ -6,6 +6,7 @@
 //! local one), and drops them afterwards.
 
 mod api_load;
+mod baselines;
 mod brokers;
 mod capture_cost;
 mod drain;
@@ -292,10 +293,31 @@ fn server_of(database_url: Option<&str>) -> String {
     }
 }
 
+/// What the report says about the PostgreSQL server: its version as it reports it, and
+/// whether it runs on this machine (a loopback address or a Unix socket: then it shares
+/// the cores the suite measures).
+async fn describe_server(server: &str) -> anyhow::Result<String> {
+    let mut conn = PgConnection::connect(&format!("{server}/postgres")).await?;
+    let version: String = sqlx::query_scalar("SELECT split_part(version(), ' on ', 1)")
+        .fetch_one(&mut conn)
+        .await?;
+    let local: bool = sqlx::query_scalar(
+        "SELECT inet_server_addr() IS NULL OR host(inet_server_addr())::inet <<= '127.0.0.0/8'::inet
+                OR inet_server_addr() = '::1'::inet",
+    )
+    .fetch_one(&mut conn)
+    .await?;
+    Ok(if local {
+        format!("{version} on this machine, sharing its cores")
+    } else {
+        format!("{version} on another host")
+    })
+}
+
 pub async fn run(database_url: Option<&str>, args: BenchArgs) -> anyhow::Result<()> {
     let server = server_of(database_url);
     let scale = Scale::of(args.quick);
-    let mut report = Report::new(args.quick, scale);
+    let mut report = Report::new(args.quick, scale, describe_server(&server).await?);
     println!(
         "benchmarks ({} mode) on {}",
         if args.quick { "quick" } else { "full" },

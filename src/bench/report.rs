@@ -24,15 +24,18 @@ pub struct Measurement {
 pub struct Report {
     quick: bool,
     scale: Scale,
+    /// The PostgreSQL server measured, as found at the start of the run.
+    server: String,
     rows: Vec<Measurement>,
     plots: Vec<(&'static str, Plot)>,
 }
 
 impl Report {
-    pub fn new(quick: bool, scale: Scale) -> Self {
+    pub fn new(quick: bool, scale: Scale, server: String) -> Self {
         Self {
             quick,
             scale,
+            server,
             rows: Vec::new(),
             plots: Vec::new(),
         }
@@ -79,7 +82,7 @@ impl Report {
         println!("targets met: {met} of {all}");
     }
 
-    fn machine() -> String {
+    fn machine(&self) -> String {
         let cpu = std::fs::read_to_string("/proc/cpuinfo")
             .ok()
             .and_then(|s| {
@@ -104,7 +107,7 @@ impl Report {
             })
             .map(|kb| format!("{:.0} GiB", kb as f64 / 1_048_576.0))
             .unwrap_or_default();
-        format!("{cores} cores ({cpu}), {memory} memory, PostgreSQL on the same machine and cores")
+        format!("{cores} cores ({cpu}), {memory} memory; {}", self.server)
     }
 
     pub fn write(&self, path: &Path) -> anyhow::Result<()> {
@@ -115,7 +118,7 @@ impl Report {
             "Produced by `crm-analytics bench{}` on {}. Machine: {}.\n",
             if self.quick { " --quick" } else { "" },
             chrono::Utc::now().format("%Y-%m-%d %H:%M UTC"),
-            Self::machine()
+            self.machine()
         );
         let _ = writeln!(
             md,
