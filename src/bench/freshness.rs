@@ -46,6 +46,56 @@ pub(super) async fn measure(
     measured
 }
 
+/// Steady CRM writes: transactions of LEADS_PER_TRANSACTION leads (one event each) at a
+/// fixed pace of `rate` events/s into the first accounts, until `stop`; the task returns the
+/// events written. Up to WRITES_IN_FLIGHT transactions run at once, so that one slow commit
+/// on a busy machine does not slow the pace (a CRM has many clients, not one).
+pub(super) fn steady_load(
+    pool: sqlx::PgPool,
+    rate: u64,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<u64> {
+    const WRITES_IN_FLIGHT: usize = 8;
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_micros(
+            1_000_000 * LEADS_PER_TRANSACTION / rate.max(1),
+        ));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(WRITES_IN_FLIGHT));
+        let mut writes = tokio::task::JoinSet::new();
+        let mut events = 0u64;
+        while !stop.is_cancelled() {
+            tick.tick().await;
+            let Ok(slot) = slots.clone().acquire_owned().await else {
+                break;
+            };
+            let pool = pool.clone();
+            writes.spawn(async move {
+                let written = sqlx::query(
+                    "INSERT INTO leads (account_id, source) SELECT id, 'load' FROM accounts LIMIT $1",
+                )
+                .bind(LEADS_PER_TRANSACTION as i64)
+                .execute(&pool)
+                .await
+                .is_ok();
+                drop(slot);
+                if written {
+                    LEADS_PER_TRANSACTION
+                } else {
+                    0
+                }
+            });
+            while let Some(done) = writes.try_join_next() {
+                events += done.unwrap_or(0);
+            }
+        }
+        while let Some(done) = writes.join_next().await {
+            events += done.unwrap_or(0);
+        }
+        events
+    })
+}
+
 async fn measure_on(
     db: &BenchDb,
     seconds: u64,
@@ -74,31 +124,8 @@ async fn measure_on(
         stop.clone(),
     ));
 
-    // Steady load: transactions of ten leads at a fixed pace.
     let load_stop = CancellationToken::new();
-    let load = {
-        let (pool, stop) = (writers.clone(), load_stop.clone());
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_micros(
-                1_000_000 * LEADS_PER_TRANSACTION / rate.max(1),
-            ));
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            let mut events = 0u64;
-            while !stop.is_cancelled() {
-                tick.tick().await;
-                let pool = pool.clone();
-                if sqlx::query("INSERT INTO leads (account_id, source) SELECT id, 'load' FROM accounts LIMIT $1")
-                    .bind(LEADS_PER_TRANSACTION as i64)
-                    .execute(&pool)
-                    .await
-                    .is_ok()
-                {
-                    events += LEADS_PER_TRANSACTION;
-                }
-            }
-            events
-        })
-    };
+    let load = steady_load(writers.clone(), rate, load_stop.clone());
 
     let client = reqwest::Client::new();
     let started = Instant::now();
