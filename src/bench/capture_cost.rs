@@ -1,5 +1,7 @@
 //! Cost of capture to the CRM's own writes: the same mixed OLTP transactions and the same
-//! bulk INSERT on a database with capture attached and one without, alternating runs.
+//! bulk INSERT on a database with capture attached and one without, alternating runs; on
+//! the captured database both with `crm-analytics run` draining it (what a user meets) and,
+//! as a breakdown, with no consumer at all.
 
 use rand::{Rng, SeedableRng};
 use sqlx::PgPool;
@@ -115,6 +117,34 @@ async fn set_relay_asleep(pool: &PgPool, asleep: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// [`oltp`] on the captured database while `crm-analytics run` (its own process, the
+/// default queue) drains it on the same server: the cost a user meets. The run starts, drains
+/// what earlier runs left in the outbox, then the clients write for `seconds`.
+async fn oltp_with_pipeline(db: &BenchDb, pool: &PgPool, seconds: u64) -> anyhow::Result<f64> {
+    let archive = std::env::temp_dir().join(format!("{}-archive", db.name));
+    let mut run = super::drain::spawn(db, "run", &archive)?;
+    let started = Instant::now();
+    loop {
+        let left: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM crm_analytics.event_outbox)")
+                .fetch_one(pool)
+                .await?;
+        if !left {
+            break;
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(300),
+            "`crm-analytics run` did not drain the outbox within 300 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let rate = oltp(pool, seconds).await;
+    let _ = run.start_kill();
+    let _ = run.wait().await;
+    let _ = std::fs::remove_dir_all(&archive);
+    rate
+}
+
 async fn bulk(pool: &PgPool, rows: i64) -> anyhow::Result<Duration> {
     let started = Instant::now();
     sqlx::query(
@@ -136,14 +166,16 @@ pub async fn run(server: &str, scale: Scale, report: &mut Report) -> anyhow::Res
     // writes the relay is awake and polling, so writers do not notify (flag down); the
     // first write after the relay fell asleep also sends a NOTIFY (flag up).
     let half = (scale.oltp_seconds / 2).max(1);
-    let (mut without, mut with, mut with_notify) = (0.0, 0.0, 0.0);
+    let (mut without, mut with, mut with_notify, mut with_run) = (0.0, 0.0, 0.0, 0.0);
     for _ in 0..2 {
         without += oltp(&plain, half).await? / 2.0;
         set_relay_asleep(&captured, false).await?;
         with += oltp(&captured, half).await? / 2.0;
         set_relay_asleep(&captured, true).await?;
         with_notify += oltp(&captured, half).await? / 2.0;
+        with_run += oltp_with_pipeline(&captured_db, &captured, half).await? / 2.0;
     }
+    let ratio_run = with_run / without;
     let ratio = with / without;
     report.add(
         SECTION,
@@ -153,19 +185,31 @@ pub async fn run(server: &str, scale: Scale, report: &mut Report) -> anyhow::Res
     );
     report.add(
         SECTION,
-        "same, with capture attached (relay awake: sustained writes)",
+        "same, with capture attached and `crm-analytics run` draining on the same server",
+        format!("{with_run:.0} tx/s"),
+        None,
+    );
+    report.add(
+        SECTION,
+        "OLTP throughput with capture and the pipeline running / without",
+        format!("{ratio_run:.3}"),
+        Some(("at least 0.70".into(), ratio_run >= 0.70)),
+    );
+    report.add(
+        SECTION,
+        "breakdown: capture attached, no consumer (notify flag down, as under sustained writes)",
         format!("{with:.0} tx/s"),
         None,
     );
     report.add(
         SECTION,
-        "OLTP throughput with capture / without",
+        "breakdown: capture attached, no consumer / without",
         format!("{ratio:.3}"),
-        Some(("cost at most 10% (ratio >= 0.90)".into(), ratio >= 0.90)),
+        Some(("at least 0.90".into(), ratio >= 0.90)),
     );
     report.add(
         SECTION,
-        "same, relay asleep (every transaction also sends a NOTIFY) / without",
+        "breakdown: capture attached, relay asleep (every transaction also sends a NOTIFY) / without",
         format!("{:.3}", with_notify / without),
         None,
     );
