@@ -271,6 +271,7 @@ pub struct ArchiveArgs {
     #[arg(
         long = "archive",
         id = "archive",
+        value_name = "URL",
         env = "CRM_ANALYTICS_ARCHIVE",
         default_value = DEFAULT_ARCHIVE
     )]
@@ -299,11 +300,10 @@ pub struct ReplayArgs {
     #[command(flatten)]
     pub archive: ArchiveArgs,
 
-    /// The pipeline's dedup retention (see `run --help`): with --from/--to, an event
-    /// captured within it that no batch has applied yet is counted whole by the replay.
-    #[arg(long, env = "CRM_ANALYTICS_DEDUP_RETENTION", default_value = "24h",
-          value_parser = parse_dedup_retention)]
-    pub dedup_retention: Duration,
+    /// Replace the aggregates even when events the idempotency ledger records as applied
+    /// are missing from the archive (they are then left out of the aggregates for good).
+    #[arg(long)]
+    pub allow_incomplete: bool,
 }
 
 /// CRM_ANALYTICS_ARCHIVE's default: a folder beside where the process runs.

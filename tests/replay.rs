@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 fn options(range: Option<DateRange>) -> ReplayOptions {
     ReplayOptions {
         range,
-        dedup_retention: Duration::from_secs(86_400),
+        allow_incomplete: false,
         location: "test archive".into(),
     }
 }
@@ -121,7 +121,7 @@ async fn archive_a_parked_event(pool: &PgPool, archive: &Archive) {
 #[tokio::test]
 async fn migrate_and_replay_give_back_dropped_aggregates_from_a_local_archive_alone() {
     let (db, pool) = TestDb::migrated().await;
-    common::workload_through_pipeline(&db, &pool, 3, 80, 41).await;
+    common::workload_through_pipeline(&db, &pool, 3, 150, 41).await;
     common::assert_nontrivial(&pool).await;
     let applied: i64 = sqlx::query_scalar("SELECT count(*) FROM crm_analytics.applied_events")
         .fetch_one(&pool)
@@ -367,12 +367,140 @@ async fn a_date_range_replay_recomputes_only_the_rows_its_dates_own() {
             );
         }
     }
-    // The recomputed rows are right: a full replay repairs the rest, and then all match.
-    let found = crm_analytics::aggregates::verify::verify(&pool, &pool, "public", 10_000)
+    // The recomputed rows are right: every row that differs lies outside the range.
+    let found = crm_analytics::aggregates::verify::verify(&pool, &pool, "public", 100_000)
         .await
         .expect("verify");
     assert!(found.differences > 0);
+    for line in &found.shown {
+        let date = key_date(line).unwrap_or_else(|| panic!("no date in {line}"));
+        let owned = if line.starts_with("revenue_metrics") {
+            range.owns_month(Some(date))
+        } else {
+            range.owns_day(Some(date))
+        };
+        assert!(!owned, "a recomputed row differs: {line}");
+    }
+    // A full replay repairs the rest, and then all match.
     replay_all(&pool, &archive).await;
+    common::assert_exact(&pool).await;
+    db.finish(pool).await;
+}
+
+/// The date in a verify line's key, e.g. `daily_account_metrics (Some(…), Some(2026-08-25))`.
+fn key_date(line: &str) -> Option<chrono::NaiveDate> {
+    let key = line.split("):").next()?;
+    key.match_indices("Some(").find_map(|(at, _)| {
+        let text = key.get(at + 5..at + 15)?;
+        chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d").ok()
+    })
+}
+
+#[tokio::test]
+async fn a_date_range_replay_after_a_rebuild_starts_after_its_month() {
+    let (db, pool) = TestDb::migrated().await;
+    common::workload_through_pipeline(&db, &pool, 2, 40, 71).await;
+    crm_analytics::backfill::run(&pool, &pool, "public", false)
+        .await
+        .expect("rebuild");
+    let archive = Archive::open(db.archive.to_str().expect("UTF-8 path"), Layout::Batch)
+        .expect("open the archive");
+    let today = chrono::Utc::now().date_naive();
+    let refused = replay(
+        &pool,
+        &archive,
+        &options(Some(DateRange {
+            from: Some(today),
+            to: None,
+        })),
+    )
+    .await
+    .expect_err("a range over rows the rebuild loaded");
+    assert!(refused.to_string().contains("give --from"), "{refused}");
+    common::assert_exact(&pool).await;
+    db.finish(pool).await;
+}
+
+#[tokio::test]
+async fn a_full_replay_refuses_an_archive_missing_applied_events() {
+    let (db, pool) = TestDb::migrated().await;
+    common::workload_through_pipeline(&db, &pool, 2, 40, 73).await;
+    let mut objects = Vec::new();
+    let mut stack = vec![db.archive.clone()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).expect("read the archive") {
+            let path = entry.expect("entry").path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.to_string_lossy().contains("/leads/") {
+                objects.push(path);
+            }
+        }
+    }
+    objects.sort();
+    std::fs::remove_file(&objects[0]).expect("lose a leads object");
+    let archive = Archive::open(db.archive.to_str().expect("UTF-8 path"), Layout::Batch)
+        .expect("open the archive");
+    let refused = replay(&pool, &archive, &options(None))
+        .await
+        .expect_err("an incomplete archive");
+    assert!(
+        refused.to_string().contains("--allow-incomplete"),
+        "{refused}"
+    );
+    common::assert_exact(&pool).await;
+
+    let mut allowed = options(None);
+    allowed.allow_incomplete = true;
+    replay(&pool, &archive, &allowed)
+        .await
+        .expect("replay what is there");
+    let found = crm_analytics::aggregates::verify::verify(&pool, &pool, "public", 10)
+        .await
+        .expect("verify");
+    assert!(found.differences > 0, "the lost events are left out");
+    db.finish(pool).await;
+}
+
+#[tokio::test]
+async fn the_last_copy_written_of_an_event_is_the_one_replayed() {
+    let (db, pool) = TestDb::migrated().await;
+    common::workload_through_pipeline(&db, &pool, 2, 40, 79).await;
+    // An older copy of an applied lead event, as a failed attempt wrote it before an
+    // operator corrected the event: another source.
+    let archive = Archive::open(db.archive.to_str().expect("UTF-8 path"), Layout::Batch)
+        .expect("open the archive");
+    let bodies = common::archived_objects(&archive).await;
+    let line = bodies
+        .iter()
+        .filter(|(path, _)| path.contains("/leads/"))
+        .flat_map(|(_, body)| {
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(&body[..]), &mut text)
+                .expect("gzip");
+            text.lines().map(str::to_string).collect::<Vec<_>>()
+        })
+        .find(|line| line.contains("\"insert\"") || line.contains(".insert"))
+        .expect("an archived lead insert");
+    let mut stale: serde_json::Value = serde_json::from_str(&line).expect("JSON");
+    stale["payload"]["new"]["source"] = "stale-copy".into();
+    let stale = stale.to_string();
+    let event = decode(&Envelope::from_json(&stale).expect("an envelope")).expect("an event");
+    let folder = db
+        .archive
+        .join(event.date().format("events/%Y/%m/%d/leads").to_string());
+    let path = folder.join(format!("{}.json", uuid::Uuid::new_v4()));
+    std::fs::write(&path, &stale).expect("write the stale copy");
+    std::fs::File::options()
+        .write(true)
+        .open(&path)
+        .expect("open the stale copy")
+        .set_modified(std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(86_400))
+        .expect("date it before the committed copy");
+
+    lose_the_aggregates(&pool).await;
+    let report = replay_all(&pool, &archive).await;
+    assert_eq!(report.duplicates, 1, "{report:?}");
     common::assert_exact(&pool).await;
     db.finish(pool).await;
 }
@@ -383,6 +511,15 @@ async fn a_date_range_replay_takes_over_events_no_batch_applied_yet() {
     common::workload_through_pipeline(&db, &pool, 2, 40, 61).await;
     common::run_workload(&pool, 2, 40, 62).await;
     let pending = archive_queued_events_as_a_failed_batch(&db, &pool).await;
+    // A ledger with a history (an entry an hour old): what it holds covers everything
+    // applied since, so an event missing from it and younger was not applied.
+    sqlx::query(
+        "INSERT INTO crm_analytics.applied_events (event_id, applied_at)
+         VALUES (gen_random_uuid(), now() - interval '1 hour')",
+    )
+    .execute(&pool)
+    .await
+    .expect("an old ledger entry");
     let day = chrono::Utc::now().date_naive();
     let range = DateRange {
         from: Some(day),
@@ -476,6 +613,14 @@ async fn verify_archive_and_replay_from_the_command_line() {
     assert_ne!(code, 0);
     assert!(out.contains("--to") && out.contains("before"), "{out}");
     let empty = std::env::temp_dir().join(format!("empty-{}", uuid::Uuid::new_v4()));
+    let (code, out) = crm_analytics(&db, &["replay", "--archive", empty.to_str().expect("path")]);
+    assert_ne!(code, 0);
+    assert!(
+        out.contains("does not exist") && out.contains("nothing was changed"),
+        "{out}"
+    );
+    assert!(!empty.exists(), "a mistyped folder is not created");
+    std::fs::create_dir_all(&empty).expect("an empty folder");
     let (code, out) = crm_analytics(&db, &["replay", "--archive", empty.to_str().expect("path")]);
     assert_ne!(code, 0);
     assert!(

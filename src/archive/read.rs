@@ -3,8 +3,8 @@
 //! this; nothing here interprets an event.
 
 use bytes::Bytes;
-use chrono::NaiveDate;
-use flate2::read::GzDecoder;
+use chrono::{DateTime, NaiveDate, Utc};
+use flate2::read::MultiGzDecoder;
 use futures::TryStreamExt;
 use object_store::{path::Path, ObjectStore};
 use std::collections::BTreeMap;
@@ -30,7 +30,10 @@ pub enum ReadError {
 
 /// One folder of the archive: the objects of one day (the events' UTC date) and table.
 /// A retried batch archives its events again in the same folder, since both the date and
-/// the table come from the event: de-duplicating within a folder is enough.
+/// the table come from the event: de-duplicating within a folder is enough. Objects are
+/// listed newest first, so that the copy a reader keeps is the last one written: the one
+/// whose batch committed (attempts that failed before it wrote older copies, which may
+/// differ from it when an operator corrected a parked event before retrying it).
 #[derive(Debug, Clone)]
 pub struct Folder {
     pub date: NaiveDate,
@@ -55,6 +58,9 @@ impl Listing {
     }
 }
 
+/// An object's path with the time it was written.
+type Dated = (DateTime<Utc>, Path);
+
 impl Archive {
     /// Lists every archived object, grouped by folder.
     pub async fn list(&self) -> Result<Listing, ReadError> {
@@ -69,7 +75,7 @@ impl Archive {
             .try_collect()
             .await
             .map_err(ReadError::List)?;
-        let mut folders: BTreeMap<(NaiveDate, CrmTable), Folder> = BTreeMap::new();
+        let mut folders: BTreeMap<(NaiveDate, CrmTable), (Folder, Vec<Dated>)> = BTreeMap::new();
         let mut listing = Listing::default();
         for meta in metas {
             let parts: Vec<String> = meta
@@ -80,19 +86,29 @@ impl Archive {
                 .collect();
             match folder_of(&parts) {
                 Some((date, table)) => {
-                    let folder = folders.entry((date, table)).or_insert_with(|| Folder {
-                        date,
-                        table,
-                        objects: Vec::new(),
-                        bytes: 0,
+                    let (folder, dated) = folders.entry((date, table)).or_insert_with(|| {
+                        let folder = Folder {
+                            date,
+                            table,
+                            objects: Vec::new(),
+                            bytes: 0,
+                        };
+                        (folder, Vec::new())
                     });
                     folder.bytes += meta.size;
-                    folder.objects.push(meta.location);
+                    dated.push((meta.last_modified, meta.location));
                 }
                 None => listing.foreign.push(meta.location.to_string()),
             }
         }
-        listing.folders = folders.into_values().collect();
+        listing.folders = folders
+            .into_values()
+            .map(|(mut folder, mut dated)| {
+                dated.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
+                folder.objects = dated.into_iter().map(|(_, path)| path).collect();
+                folder
+            })
+            .collect();
         Ok(listing)
     }
 
@@ -126,7 +142,8 @@ fn folder_of(parts: &[String]) -> Option<(NaiveDate, CrmTable)> {
 pub fn lines(path: &Path, bytes: &[u8]) -> Result<Vec<String>, ReadError> {
     let text = if path.as_ref().ends_with(".gz") {
         let mut text = String::new();
-        GzDecoder::new(bytes)
+        // Every member: concatenated gzip files are one valid gzip file.
+        MultiGzDecoder::new(bytes)
             .read_to_string(&mut text)
             .map_err(|e| ReadError::Corrupt {
                 path: path.to_string(),

@@ -85,7 +85,9 @@ pub enum Command {
     ///
     /// The archive holds the events applied since capture was attached: rows that existed
     /// before (loaded by `backfill`) are not in it; `rebuild` recomputes from the CRM
-    /// tables instead.
+    /// tables instead. After a backfill or rebuild, a date range must start after that
+    /// month. A full replay refuses an archive that lacks events the idempotency ledger
+    /// records as applied (see --allow-incomplete).
     Replay(crate::config::ReplayArgs),
     /// Run relay, workers and the API server in one process until SIGINT/SIGTERM.
     Run {
@@ -293,7 +295,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 });
             let options = crate::replay::ReplayOptions {
                 range,
-                dedup_retention: args.dedup_retention,
+                allow_incomplete: args.allow_incomplete,
                 location: args.archive.location.clone(),
             };
             let report =
@@ -412,11 +414,23 @@ fn report_comparison(found: &verify::Comparison, against: &str) -> ExitCode {
 async fn open_archive_to_read(
     args: &crate::config::ArchiveArgs,
 ) -> anyhow::Result<crate::archive::Archive> {
+    // Opening a local archive creates its folder (for writers): a mistyped one must not
+    // be created and then reported empty.
+    if !args.location.contains("://") || args.location.starts_with("file://") {
+        let folder = args.location.trim_start_matches("file://");
+        if !args.location.eq_ignore_ascii_case("none") && !std::path::Path::new(folder).is_dir() {
+            anyhow::bail!(
+                "the archive folder {folder:?} does not exist; give the folder the pipeline \
+                 archives to with --archive (or CRM_ANALYTICS_ARCHIVE); nothing was changed"
+            );
+        }
+    }
     let Some(archive) = crate::pipeline::open_archive_at(args, crate::archive::Layout::Batch)?
     else {
         anyhow::bail!(
-            "CRM_ANALYTICS_ARCHIVE=none: there is no archive to read; give its location with \
-             --archive (a folder, file:///path or s3://bucket/prefix)"
+            "the archive setting is \"none\" (--archive or CRM_ANALYTICS_ARCHIVE): there is no \
+             archive to read; give its location with --archive (a folder, file:///path or \
+             s3://bucket/prefix)"
         );
     };
     archive.check().await?;

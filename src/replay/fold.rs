@@ -36,9 +36,9 @@ pub(super) enum Mode {
     /// Every event counts toward the metrics, nothing else is written (verify --archive).
     Compare,
     /// Only the rows `range` owns are recomputed. Events missing from the ledger and
-    /// captured after `claim_after` were not applied yet: they are counted whole (their
-    /// rows outside the range too, unless the last backfill's snapshot saw them, as a
-    /// worker would) and get their ledger entries.
+    /// captured after `claim_after` (the oldest ledger entry) were not applied yet: they
+    /// are counted whole (their rows outside the range too, unless the last backfill's
+    /// snapshot saw them, as a worker would) and get their ledger entries.
     Range {
         range: DateRange,
         claim_after: DateTime<Utc>,
@@ -97,6 +97,14 @@ pub(super) async fn fold(
             }
         }
         state.settle(tx).await?;
+        // A reader that stopped early (it cannot, short of a panic) must not commit half.
+        let listed = listing.objects() as u64;
+        if state.report.objects != listed {
+            return Err(ReplayError::Truncated {
+                read: state.report.objects,
+                listed,
+            });
+        }
         state.flush(tx, true).await
     }
     .await;
@@ -194,13 +202,17 @@ impl Fold {
         let fresh: HashSet<Uuid> = match self.mode {
             Mode::Compare => HashSet::new(),
             Mode::Replace => {
-                sqlx::query(
-                    "INSERT INTO crm_analytics.applied_events (event_id)
-                     SELECT unnest($1::uuid[]) ON CONFLICT (event_id) DO NOTHING",
+                let fresh: i64 = sqlx::query_scalar(
+                    "WITH added AS (
+                        INSERT INTO crm_analytics.applied_events (event_id)
+                        SELECT unnest($1::uuid[]) ON CONFLICT (event_id) DO NOTHING
+                        RETURNING 1)
+                     SELECT count(*) FROM added",
                 )
                 .bind(&ids)
-                .execute(&mut *tx)
+                .fetch_one(&mut *tx)
                 .await?;
+                self.report.fresh += fresh as u64;
                 HashSet::new()
             }
             Mode::Range { .. } => sqlx::query_scalar(
@@ -214,6 +226,7 @@ impl Fold {
             .into_iter()
             .collect(),
         };
+        self.report.fresh += fresh.len() as u64;
         for event in self.pending.drain(..) {
             self.report.events += 1;
             self.owned.add_event(&event);

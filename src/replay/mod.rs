@@ -38,6 +38,15 @@ pub enum ReplayError {
     },
     #[error("the archive {location} holds no events (nothing under events/YYYY/MM/DD/<table>/); nothing was changed. Check --archive (CRM_ANALYTICS_ARCHIVE) and, for S3, CRM_ANALYTICS_S3_ENDPOINT")]
     Empty { location: String },
+    #[error("a backfill or rebuild on {taken_at} recomputed the aggregates from the CRM tables, and rows it loaded (those that existed before capture was attached) are not in the archive: a date range must start after that month ({first}: give --from {first} or later), or run a full replay or `crm-analytics rebuild`; nothing was changed")]
+    BeforeBackfill {
+        taken_at: DateTime<Utc>,
+        first: chrono::NaiveDate,
+    },
+    #[error("{missing} events the idempotency ledger records as applied are not in the archive {location} (a wrong --archive, lost objects, or a time with CRM_ANALYTICS_ARCHIVE=none); a replay would drop them for good, so nothing was changed. Point --archive at the complete archive, run `crm-analytics rebuild` (from the CRM tables), or give --allow-incomplete to replay what the archive holds")]
+    Incomplete { missing: i64, location: String },
+    #[error("the archive reader stopped after {read} of {listed} objects; nothing was changed")]
+    Truncated { read: u64, listed: u64 },
     #[error("the analytics database: {0}")]
     Database(#[from] sqlx::Error),
 }
@@ -58,6 +67,8 @@ pub struct ReplayReport {
     /// Events no batch had applied yet (a date-range replay counts them whole and takes
     /// them over from the queue).
     pub claimed: u64,
+    /// Events whose ids were not in the ledger before the replay wrote them.
+    pub fresh: u64,
     pub elapsed: Duration,
 }
 
@@ -72,10 +83,9 @@ impl ReplayReport {
 pub struct ReplayOptions {
     /// None: replace every aggregate. Some: recompute only the rows the range owns.
     pub range: Option<DateRange>,
-    /// The pipeline's CRM_ANALYTICS_DEDUP_RETENTION. A date-range replay takes an event
-    /// captured within it and missing from the ledger as not applied yet (it counts it
-    /// whole); an older one missing from the ledger as applied and forgotten since.
-    pub dedup_retention: Duration,
+    /// Replace the aggregates even when events the ledger records as applied are missing
+    /// from the archive.
+    pub allow_incomplete: bool,
     /// Where the archive is, for messages.
     pub location: String,
 }
@@ -124,23 +134,54 @@ pub async fn replay(
             Mode::Replace
         }
         Some(range) => {
+            let watermark = match watermark {
+                None => None,
+                Some((snapshot, taken_at)) => {
+                    let first = first_day_after_month_of(taken_at.date_naive());
+                    if range.first_month().is_none_or(|month| month < first) {
+                        return Err(ReplayError::BeforeBackfill { taken_at, first });
+                    }
+                    Snapshot::parse(&snapshot)
+                }
+            };
             delete_owned(&mut tx, &range).await?;
-            let retention = chrono::Duration::from_std(options.dedup_retention)
-                .unwrap_or(chrono::Duration::MAX);
-            let now: DateTime<Utc> = sqlx::query_scalar("SELECT now()")
-                .fetch_one(&mut *tx)
-                .await?;
+            // Every event applied since the oldest entry still in the ledger is in it (pruning
+            // removes the oldest first); CLAIM_MARGIN covers the CRM's and the analytics
+            // server's clocks disagreeing. An empty ledger vouches for nothing: claim none.
+            let claim_after: DateTime<Utc> = sqlx::query_scalar(
+                "SELECT coalesce(min(applied_at), 'infinity') + $1 * interval '1 second'
+                 FROM crm_analytics.applied_events",
+            )
+            .bind(CLAIM_MARGIN.as_secs_f64())
+            .fetch_one(&mut *tx)
+            .await?;
             Mode::Range {
                 range,
-                claim_after: now
-                    .checked_sub_signed(retention)
-                    .unwrap_or(DateTime::<Utc>::MIN_UTC),
-                watermark: watermark.and_then(|(s, _)| Snapshot::parse(&s)),
+                claim_after,
+                watermark,
             }
         }
     };
+    let ledger_before: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM crm_analytics.applied_events")
+            .fetch_one(&mut *tx)
+            .await?;
     let mut report = fold::fold(&mut tx, archive, &listing, mode).await?;
     if options.range.is_none() {
+        // Ledger entries the archive did not match: applied events it does not hold.
+        let missing = ledger_before - (report.events as i64 - report.fresh as i64);
+        if missing > 0 && !options.allow_incomplete {
+            return Err(ReplayError::Incomplete {
+                missing,
+                location: options.location.clone(),
+            });
+        }
+        if missing > 0 {
+            tracing::warn!(
+                missing,
+                "applied events missing from the archive are left out (--allow-incomplete)"
+            );
+        }
         sqlx::query("DELETE FROM analytics.event_counts WHERE processed = 0 AND failed = 0")
             .execute(&mut *tx)
             .await?;
@@ -148,6 +189,20 @@ pub async fn replay(
     tx.commit().await?;
     report.elapsed = started.elapsed();
     Ok(report)
+}
+
+/// How far apart the CRM's clock (event times) and the analytics server's (ledger times)
+/// may be for a date-range replay to tell applied events from pending ones.
+const CLAIM_MARGIN: Duration = Duration::from_secs(300);
+
+/// The first day of the month after `day`'s.
+fn first_day_after_month_of(day: chrono::NaiveDate) -> chrono::NaiveDate {
+    use chrono::Datelike;
+    let (year, month) = match day.month() {
+        12 => (day.year() + 1, 1),
+        m => (day.year(), m + 1),
+    };
+    chrono::NaiveDate::from_ymd_opt(year, month, 1).unwrap_or(day)
 }
 
 /// The archive's objects; an archive without any is refused (a mistyped location would
