@@ -45,6 +45,7 @@ async fn migrate_is_idempotent_and_versioned() {
             ("analytics".into(), 2),
             ("analytics".into(), 3),
             ("analytics".into(), 4),
+            ("analytics".into(), 5),
             ("capture".into(), 1),
             ("capture".into(), 2),
             ("capture".into(), 3),

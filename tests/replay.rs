@@ -397,6 +397,73 @@ fn key_date(line: &str) -> Option<chrono::NaiveDate> {
 }
 
 #[tokio::test]
+async fn a_parked_event_put_back_on_the_queue_counts_as_corrected_not_as_archived() {
+    let (db, pool) = TestDb::migrated().await;
+    common::workload_through_pipeline(&db, &pool, 2, 40, 83).await;
+    // A lead event the database rejected on every attempt: each attempt archived a copy
+    // (here: source "stale") before its transaction rolled back, and it is parked.
+    let lead = uuid::Uuid::new_v4();
+    common::insert_poison_lead(&pool, lead).await;
+    let running = common::start(&db, &db.args()).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let event_id: uuid::Uuid = loop {
+        let parked: Option<uuid::Uuid> =
+            sqlx::query_scalar("SELECT event_id FROM crm_analytics.failed_events")
+                .fetch_optional(&pool)
+                .await
+                .expect("read failed_events");
+        if let Some(id) = parked {
+            break id;
+        }
+        assert!(Instant::now() < deadline, "the poison event was not parked");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    running.stop().await;
+    let archive = Archive::open(db.archive.to_str().expect("UTF-8 path"), Layout::Batch)
+        .expect("open the archive");
+    let now = chrono::Utc::now();
+    let stale = serde_json::json!({
+        "event_id": event_id, "event_type": "leads.insert", "aggregate_id": lead, "xid": 1,
+        "created_at": now,
+        "payload": {"new": {"id": lead, "account_id": null, "source": "stale", "status": "new",
+                            "converted_at": null, "created_at": "2026-01-01T00:00:00+00:00"}},
+    })
+    .to_string();
+    archive
+        .write(&[ArchivedEvent {
+            event_id,
+            date: now.date_naive(),
+            table: crm_analytics::event::CrmTable::Leads,
+            json: &stale,
+        }])
+        .await
+        .expect("archive the failed attempt's copy");
+
+    // The operator corrects it and puts it back; a replay runs before a worker applies it.
+    common::fix_poison_lead(&pool, lead).await;
+    let queue = common::open_queue(&pool, u64::MAX).await;
+    crm_analytics::worker::failed::retry(
+        &pool,
+        &*queue,
+        crm_analytics::worker::failed::Selection::All,
+    )
+    .await
+    .expect("failed retry");
+    let report = replay_all(&pool, &archive).await;
+    assert_eq!(report.parked, 1, "{report:?}");
+    let running = common::start(&db, &db.args()).await;
+    common::drain(&pool, Duration::from_secs(60)).await;
+    running.stop().await;
+    common::assert_exact(&pool).await;
+    let waiting: i64 = sqlx::query_scalar("SELECT count(*) FROM crm_analytics.retried_events")
+        .fetch_one(&pool)
+        .await
+        .expect("count retried events");
+    assert_eq!(waiting, 0, "forgotten once applied");
+    db.finish(pool).await;
+}
+
+#[tokio::test]
 async fn a_date_range_replay_after_a_rebuild_starts_after_its_month() {
     let (db, pool) = TestDb::migrated().await;
     common::workload_through_pipeline(&db, &pool, 2, 40, 71).await;

@@ -38,4 +38,9 @@ pub const MIGRATIONS: &[Migration] = &[
         description: "NULL keys: rows whose grouping column is NULL count under a NULL key",
         sql: include_str!("sql/004_null_keys.sql"),
     },
+    Migration {
+        version: 5,
+        description: "retried parked events remembered until applied, for replay",
+        sql: include_str!("sql/005_retried_events.sql"),
+    },
 ];

@@ -9,13 +9,14 @@ use sqlx::PgPool;
 use super::MigrateError;
 
 /// The tables of the analytics component, in both of its schemas.
-const TABLES: [&str; 8] = [
+const TABLES: [&str; 9] = [
     "analytics.daily_account_metrics",
     "analytics.lead_funnel_metrics",
     "analytics.revenue_metrics",
     "analytics.event_counts",
     "crm_analytics.applied_events",
     "crm_analytics.failed_events",
+    "crm_analytics.retried_events",
     "crm_analytics.snapshot_watermark",
     "crm_analytics.latency_histogram",
 ];

@@ -54,12 +54,16 @@ pub(super) async fn fold(
     listing: &Listing,
     mode: Mode,
 ) -> Result<ReplayReport, ReplayError> {
-    let parked: HashSet<Uuid> =
-        sqlx::query_scalar("SELECT event_id FROM crm_analytics.failed_events")
-            .fetch_all(&mut *tx)
-            .await?
-            .into_iter()
-            .collect();
+    // Parked, or put back on the queue and not applied yet: the archive holds only copies
+    // of failed attempts, and what counts is the delivery still to come.
+    let parked: HashSet<Uuid> = sqlx::query_scalar(
+        "SELECT event_id FROM crm_analytics.failed_events
+         UNION SELECT event_id FROM crm_analytics.retried_events",
+    )
+    .fetch_all(&mut *tx)
+    .await?
+    .into_iter()
+    .collect();
     let mut progress = Progress::start(listing.objects() as u64);
     let (sender, mut objects) = tokio::sync::mpsc::channel(READ_AHEAD);
     let reader = tokio::spawn(read_ahead(archive.clone(), listing_paths(listing), sender));

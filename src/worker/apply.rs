@@ -148,7 +148,8 @@ impl Applier {
     /// 2. the watermark: read, no lock.
     /// 3. the idempotency ledger: inserts this batch's event ids, sorted (two batches
     ///    holding the same redelivered events wait on each other in one order, never in a
-    ///    cycle); rows no other batch touches unless it carries the same events.
+    ///    cycle); rows no other batch touches unless it carries the same events. The same
+    ///    statement forgets the ids of retried parked events it applies.
     /// 4. the archive write, before any shared row is locked: a slow write (an S3 round
     ///    trip) delays this batch alone. At least once: a batch whose transaction fails
     ///    after it is archived again on its retry; readers de-duplicate by event_id.
@@ -174,11 +175,17 @@ impl Applier {
         let mut ids: Vec<Uuid> = events.iter().map(|p| p.event.event_id).collect();
         ids.sort_unstable();
         ids.dedup();
+        // An event put back by `failed retry` is no longer waiting once applied.
         let fresh: HashSet<Uuid> = sqlx::query_scalar(
-            "INSERT INTO crm_analytics.applied_events (event_id)
-             SELECT unnest($1::uuid[])
-             ON CONFLICT (event_id) DO NOTHING
-             RETURNING event_id",
+            "WITH fresh AS (
+                INSERT INTO crm_analytics.applied_events (event_id)
+                SELECT unnest($1::uuid[])
+                ON CONFLICT (event_id) DO NOTHING
+                RETURNING event_id
+             ), settled AS (
+                DELETE FROM crm_analytics.retried_events r USING fresh WHERE r.event_id = fresh.event_id
+             )
+             SELECT event_id FROM fresh",
         )
         .bind(&ids)
         .fetch_all(&mut *tx)

@@ -183,6 +183,15 @@ pub async fn retry(
     .bind(&ids)
     .fetch_all(&mut *tx)
     .await?;
+    // Remembered until a worker applies them (replay leaves them out meanwhile).
+    let retried: Vec<Uuid> = rows.iter().map(|row| row.0).collect();
+    sqlx::query(
+        "INSERT INTO crm_analytics.retried_events (event_id) SELECT unnest($1::uuid[])
+         ON CONFLICT (event_id) DO UPDATE SET retried_at = excluded.retried_at",
+    )
+    .bind(&retried)
+    .execute(&mut *tx)
+    .await?;
     let not_events: Vec<Uuid> = sqlx::query_scalar(
         "SELECT event_id FROM crm_analytics.failed_events
          WHERE ($1::uuid[] IS NULL OR event_id = ANY($1)) AND payload IS NULL",

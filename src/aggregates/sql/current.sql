@@ -1,4 +1,4 @@
--- The analytics component as its migrations (001 to 004) leave it, written so that it can
+-- The analytics component as its migrations (001 to 005) leave it, written so that it can
 -- run again at any time: `migrate` runs it when an object the migrations made is missing
 -- (a dropped schema, table, trigger or grant) and creates only what is not there. Kept
 -- equal to the migrations by a test that compares a healed database with a fresh one.
@@ -64,6 +64,11 @@ CREATE TABLE IF NOT EXISTS crm_analytics.failed_events (
     error_message text NOT NULL,
     retry_count integer NOT NULL,
     failed_at timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE TABLE IF NOT EXISTS crm_analytics.retried_events (
+    event_id uuid PRIMARY KEY,
+    retried_at timestamptz NOT NULL DEFAULT now()
 );
 
 CREATE TABLE IF NOT EXISTS crm_analytics.snapshot_watermark (
