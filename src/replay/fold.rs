@@ -1,7 +1,8 @@
 //! Folding the archive into the aggregates: objects are fetched and decoded ahead on other
 //! threads (bounded), copies of an event dropped, parked events left out, and the events'
-//! deltas summed and written in chunks of keys, so memory holds one folder's event ids and
-//! one chunk of keys, whatever the archive's size.
+//! deltas summed and written in chunks of keys. Memory holds the listing (one path per
+//! object: about a thousand per million events in the batch layout, one per event in the
+//! per-event layout), one folder's event ids and one chunk of keys.
 
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
