@@ -288,8 +288,8 @@ pub struct ArchiveArgs {
 /// `replay`: what to recompute and where the archive is.
 #[derive(Debug, Clone, Args)]
 pub struct ReplayArgs {
-    /// Recompute only the rows owned by this day and later (YYYY-MM-DD, UTC). Unset with
-    /// --to unset too: replace every aggregate.
+    /// Recompute only the rows owned by this day and later (YYYY-MM-DD, UTC). Without
+    /// --from and --to, every aggregate is replaced.
     #[arg(long, value_parser = parse_date)]
     pub from: Option<chrono::NaiveDate>,
 
@@ -311,8 +311,21 @@ pub const DEFAULT_ARCHIVE: &str = "./crm-analytics-archive";
 
 /// A date, YYYY-MM-DD.
 pub fn parse_date(text: &str) -> Result<chrono::NaiveDate, String> {
+    let example = "write YYYY-MM-DD, e.g. 2026-03-01";
+    // chrono alone would take 26-03-01 as the year 26 and 2026-3-1 as well.
+    let shaped = text.len() == 10
+        && text.chars().enumerate().all(|(i, c)| {
+            if i == 4 || i == 7 {
+                c == '-'
+            } else {
+                c.is_ascii_digit()
+            }
+        });
+    if !shaped {
+        return Err(format!("{text:?} is not a date; {example}"));
+    }
     chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d")
-        .map_err(|e| format!("{text:?} is not a date ({e}); write YYYY-MM-DD, e.g. 2026-03-01"))
+        .map_err(|e| format!("{text:?} is not a date ({e}); {example}"))
 }
 
 /// Most workers a process runs unless CRM_ANALYTICS_WORKERS says otherwise.
@@ -433,6 +446,24 @@ mod tests {
         for bad in ["localhost", "localhost:http", ":8080", "localhost:99999"] {
             let error = parse_listen(bad).expect_err(bad);
             assert!(error.contains("e.g. 127.0.0.1:8080"), "{error}");
+        }
+    }
+
+    #[test]
+    fn a_date_must_be_written_in_full() {
+        assert_eq!(
+            parse_date("2026-03-01"),
+            Ok(chrono::NaiveDate::from_ymd_opt(2026, 3, 1).expect("date"))
+        );
+        for bad in [
+            "26-03-01",
+            "2026-3-1",
+            " 2026-03-01",
+            "+2026-03-01",
+            "2026-02-30",
+        ] {
+            let error = parse_date(bad).expect_err(bad);
+            assert!(error.contains("YYYY-MM-DD"), "{bad}: {error}");
         }
     }
 

@@ -130,9 +130,12 @@ impl Archive {
 
 /// `YYYY/MM/DD/<table>/<name>` (below `events/`) to its date and table.
 fn folder_of(parts: &[String]) -> Option<(NaiveDate, CrmTable)> {
-    let [year, month, day, table, _name] = parts else {
+    let [year, month, day, table, name] = parts else {
         return None;
     };
+    if !(name.ends_with(".json") || name.ends_with(".jsonl.gz")) {
+        return None;
+    }
     let date = NaiveDate::from_ymd_opt(year.parse().ok()?, month.parse().ok()?, day.parse().ok()?)?;
     Some((date, CrmTable::from_name(table)?))
 }
@@ -178,6 +181,7 @@ mod tests {
         assert_eq!(folder_of(&parts("2026/13/09/leads/x.json")), None);
         assert_eq!(folder_of(&parts("2026/03/09/deals/x.json")), None);
         assert_eq!(folder_of(&parts("2026/03/09/leads")), None);
+        assert_eq!(folder_of(&parts("2026/03/09/leads/notes.txt")), None);
     }
 
     #[test]

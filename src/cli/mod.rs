@@ -300,9 +300,19 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             let report =
                 crate::replay::replay(connections.analytics()?, &archive, &options).await?;
+            let scope = match range {
+                Some(range) => format!(
+                    "the rows owned by {} to {} recomputed",
+                    range
+                        .from
+                        .map_or("the start".to_string(), |d| d.to_string()),
+                    range.to.map_or("today".to_string(), |d| d.to_string())
+                ),
+                None => "every aggregate replaced".to_string(),
+            };
             println!(
-                "{} events replayed from {} archive objects in {:.1} s ({:.0} events/s); {} copies \
-                 of retried batches and {} parked events left out{}",
+                "{scope}: {} events replayed from {} archive objects in {:.1} s ({:.0} events/s); \
+                 {} copies of retried batches and {} parked events left out{}",
                 report.events,
                 report.objects,
                 report.elapsed.as_secs_f64(),
@@ -310,7 +320,11 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 report.duplicates,
                 report.parked,
                 match range {
-                    Some(_) => format!("; {} events not applied yet were taken over from the queue", report.claimed),
+                    Some(_) => format!(
+                        "; {} events no worker had applied yet were counted whole (their \
+                         delivery will be dropped as a duplicate)",
+                        report.claimed
+                    ),
                     None => String::new(),
                 }
             );

@@ -100,7 +100,8 @@ pub async fn all_reporting(
         tracing::warn!(
             recreated = ?recreated,
             "recreated what the analytics migrations had made and was missing; recreated \
-             tables are empty: fill them with `crm-analytics rebuild`"
+             tables are empty: fill them with `crm-analytics replay` (from the archive) or \
+             `crm-analytics rebuild` (from the CRM tables)"
         );
     }
     tracing::info!(

@@ -96,14 +96,16 @@ pub async fn replay(
     archive: &Archive,
     options: &ReplayOptions,
 ) -> Result<ReplayReport, ReplayError> {
-    let started = Instant::now();
     let mut tx = analytics.begin().await?;
+    tracing::info!("waiting for in-flight batches to finish; workers pause until the replay ends");
     let waiting = progress::waiting();
     sqlx::query("SELECT pg_advisory_xact_lock($1)")
         .bind(BACKFILL_LOCK)
         .execute(&mut *tx)
         .await?;
     waiting.finish_and_clear();
+    // Timed from here: waiting for in-flight batches (or another replay) is not replaying.
+    let started = Instant::now();
     // Listed under the lock: a batch that committed before it is in the listing.
     let listing = list(archive, &options.location).await?;
     let watermark: Option<(String, DateTime<Utc>)> =
