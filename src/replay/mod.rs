@@ -47,7 +47,8 @@ pub enum ReplayError {
     Incomplete { missing: i64, location: String },
     #[error("the archive reader stopped after {read} of {listed} objects; nothing was changed")]
     Truncated { read: u64, listed: u64 },
-    #[error("the analytics database: {0}")]
+    /// The cause follows in the error's chain (not repeated in this message).
+    #[error("the analytics database (nothing was changed)")]
     Database(#[from] sqlx::Error),
 }
 
