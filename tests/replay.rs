@@ -64,23 +64,36 @@ async fn forget_the_outbox(pool: &PgPool) {
         .expect("prune the processed outbox");
 }
 
-/// Archives every object again under a new name: what retried batches leave behind.
-fn copy_every_object(root: &std::path::Path) -> usize {
-    let mut copied = 0;
+/// Every file under a local archive folder, sorted.
+fn archive_files(root: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
     let mut stack = vec![root.to_path_buf()];
     while let Some(dir) = stack.pop() {
         for entry in std::fs::read_dir(&dir).expect("read the archive folder") {
             let path = entry.expect("an archive entry").path();
             if path.is_dir() {
                 stack.push(path);
-            } else if path.to_string_lossy().ends_with(".jsonl.gz") {
-                let copy = dir.join(format!("{}.jsonl.gz", uuid::Uuid::new_v4()));
-                std::fs::copy(&path, copy).expect("copy an archive object");
-                copied += 1;
+            } else {
+                files.push(path);
             }
         }
     }
-    copied
+    files.sort();
+    files
+}
+
+/// Archives every object again under a new name: what retried batches leave behind.
+fn copy_every_object(root: &std::path::Path) -> usize {
+    let objects: Vec<_> = archive_files(root)
+        .into_iter()
+        .filter(|path| path.to_string_lossy().ends_with(".jsonl.gz"))
+        .collect();
+    for path in &objects {
+        let folder = path.parent().expect("an object sits in a folder");
+        let copy = folder.join(format!("{}.jsonl.gz", uuid::Uuid::new_v4()));
+        std::fs::copy(path, copy).expect("copy an archive object");
+    }
+    objects.len()
 }
 
 /// An event archived by attempts that failed and then parked: in the archive, never applied
@@ -492,19 +505,8 @@ async fn a_date_range_replay_after_a_rebuild_starts_after_its_month() {
 async fn a_full_replay_refuses_an_archive_missing_applied_events() {
     let (db, pool) = TestDb::migrated().await;
     common::workload_through_pipeline(&db, &pool, 2, 40, 73).await;
-    let mut objects = Vec::new();
-    let mut stack = vec![db.archive.clone()];
-    while let Some(dir) = stack.pop() {
-        for entry in std::fs::read_dir(&dir).expect("read the archive") {
-            let path = entry.expect("entry").path();
-            if path.is_dir() {
-                stack.push(path);
-            } else if path.to_string_lossy().contains("/leads/") {
-                objects.push(path);
-            }
-        }
-    }
-    objects.sort();
+    let mut objects = archive_files(&db.archive);
+    objects.retain(|path| path.to_string_lossy().contains("/leads/"));
     std::fs::remove_file(&objects[0]).expect("lose a leads object");
     let archive = Archive::open(db.archive.to_str().expect("UTF-8 path"), Layout::Batch)
         .expect("open the archive");
@@ -635,18 +637,8 @@ async fn verify_archive_and_replay_from_the_command_line() {
     );
 
     // A lost archive object: the archive would no longer give these numbers back.
-    let mut objects = Vec::new();
-    let mut stack = vec![db.archive.clone()];
-    while let Some(dir) = stack.pop() {
-        for entry in std::fs::read_dir(&dir).expect("read the archive") {
-            let path = entry.expect("entry").path();
-            if path.is_dir() {
-                stack.push(path);
-            } else if path.to_string_lossy().contains("/leads/") {
-                objects.push(path);
-            }
-        }
-    }
+    let mut objects = archive_files(&db.archive);
+    objects.retain(|path| path.to_string_lossy().contains("/leads/"));
     let lost = objects.first().expect("an archived leads object").clone();
     let kept = std::env::temp_dir().join(format!("kept-{}", uuid::Uuid::new_v4()));
     std::fs::rename(&lost, &kept).expect("move the object aside");

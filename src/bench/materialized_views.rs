@@ -298,6 +298,54 @@ async fn check_views_match_aggregates(pool: &sqlx::PgPool) -> anyhow::Result<()>
     Ok(())
 }
 
+/// Where a probe looks for its lead: our funnel aggregate or the funnel view, with how long
+/// it waits at most and how often it looks.
+struct Probed {
+    table: &'static str,
+    prefix: &'static str,
+    timeout: Duration,
+    poll: Duration,
+}
+
+/// Commit to visible in `probed.table` for `probes` single-lead transactions; the p50.
+async fn freshness_p50(
+    pool: &sqlx::PgPool,
+    probes: usize,
+    probed: Probed,
+) -> anyhow::Result<Duration> {
+    let mut samples = Vec::with_capacity(probes);
+    let seen_sql = format!(
+        "SELECT EXISTS (SELECT 1 FROM {} WHERE source = $1)",
+        probed.table
+    );
+    for probe in 0..probes {
+        let source = format!("{}-{probe}", probed.prefix);
+        sqlx::query("INSERT INTO leads (source) VALUES ($1)")
+            .bind(&source)
+            .execute(pool)
+            .await?;
+        let committed = Instant::now();
+        loop {
+            let seen: bool = sqlx::query_scalar(&seen_sql)
+                .bind(&source)
+                .fetch_one(pool)
+                .await?;
+            if seen {
+                samples.push(committed.elapsed());
+                break;
+            }
+            anyhow::ensure!(
+                committed.elapsed() < probed.timeout,
+                "a probe never became visible in {}",
+                probed.table
+            );
+            tokio::time::sleep(probed.poll).await;
+        }
+    }
+    samples.sort();
+    Ok(percentile(&samples, 0.5))
+}
+
 /// Commit to visible in the funnel view while it is refreshed back to back (CONCURRENTLY,
 /// so that readers are never blocked), for single-lead transactions: the best freshness
 /// the views offer at this size. p50 of VIEW_PROBES probes.
@@ -316,66 +364,25 @@ async fn probe_view_freshness(pool: &sqlx::PgPool) -> anyhow::Result<Duration> {
             Ok::<_, sqlx::Error>(())
         })
     };
-    let mut samples = Vec::with_capacity(VIEW_PROBES);
-    for probe in 0..VIEW_PROBES {
-        let source = format!("view-probe-{probe}");
-        sqlx::query("INSERT INTO leads (source) VALUES ($1)")
-            .bind(&source)
-            .execute(pool)
-            .await?;
-        let committed = Instant::now();
-        loop {
-            let seen: bool = sqlx::query_scalar(
-                "SELECT EXISTS (SELECT 1 FROM bench_mv.lead_funnel_metrics WHERE source = $1)",
-            )
-            .bind(&source)
-            .fetch_one(pool)
-            .await?;
-            if seen {
-                samples.push(committed.elapsed());
-                break;
-            }
-            anyhow::ensure!(
-                committed.elapsed() < Duration::from_secs(600),
-                "a probe never became visible in the view"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
+    let probed = Probed {
+        table: "bench_mv.lead_funnel_metrics",
+        prefix: "view-probe",
+        timeout: Duration::from_secs(600),
+        poll: Duration::from_millis(10),
+    };
+    let p50 = freshness_p50(pool, VIEW_PROBES, probed).await;
     stop.cancel();
     refresher.await??;
-    samples.sort();
-    Ok(percentile(&samples, 0.5))
+    p50
 }
 
 /// Commit to visible in the funnel aggregate, for single-lead transactions.
 async fn probe_freshness(pool: &sqlx::PgPool) -> anyhow::Result<Duration> {
-    let mut samples = Vec::with_capacity(PROBES);
-    for probe in 0..PROBES {
-        let source = format!("probe-{probe}");
-        sqlx::query("INSERT INTO leads (source) VALUES ($1)")
-            .bind(&source)
-            .execute(pool)
-            .await?;
-        let committed = Instant::now();
-        loop {
-            let seen: bool = sqlx::query_scalar(
-                "SELECT EXISTS (SELECT 1 FROM analytics.lead_funnel_metrics WHERE source = $1)",
-            )
-            .bind(&source)
-            .fetch_one(pool)
-            .await?;
-            if seen {
-                samples.push(committed.elapsed());
-                break;
-            }
-            anyhow::ensure!(
-                committed.elapsed() < Duration::from_secs(30),
-                "a probe never became visible"
-            );
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-    }
-    samples.sort();
-    Ok(percentile(&samples, 0.5))
+    let probed = Probed {
+        table: "analytics.lead_funnel_metrics",
+        prefix: "probe",
+        timeout: Duration::from_secs(30),
+        poll: Duration::from_millis(1),
+    };
+    freshness_p50(pool, PROBES, probed).await
 }
