@@ -129,6 +129,38 @@ impl DatabaseArgs {
         }
     }
 
+    /// Refuses the outbox as the queue with the analytics in another database: the workers
+    /// would read an outbox that nothing writes.
+    pub fn check_queue(&self) -> Result<(), String> {
+        let separate = self
+            .analytics_database_url
+            .as_ref()
+            .is_some_and(|analytics| Some(analytics) != self.database_url.as_ref());
+        if separate && self.queue.spec == Some(crate::queue::QueueSpec::Outbox) {
+            return Err(
+                "CRM_ANALYTICS_QUEUE=outbox needs the analytics in the CRM's database: \
+                        leave ANALYTICS_DATABASE_URL unset (or write it exactly as DATABASE_URL), \
+                        or use postgres or a broker with a separate analytics database"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+
+    /// The queue: the setting, or by default the outbox itself when the analytics live in
+    /// the CRM's database (no analytics URL, or the same one), else the embedded queue.
+    pub fn queue_spec(&self) -> crate::queue::QueueSpec {
+        use crate::queue::QueueSpec;
+        match (&self.queue.spec, &self.analytics_database_url) {
+            (Some(spec), _) => spec.clone(),
+            (None, None) => QueueSpec::Outbox,
+            (None, Some(analytics)) if Some(analytics) == self.database_url.as_ref() => {
+                QueueSpec::Outbox
+            }
+            (None, Some(_)) => QueueSpec::Postgres,
+        }
+    }
+
     pub fn analytics_url(&self) -> anyhow::Result<&str> {
         match &self.analytics_database_url {
             Some(url) => Ok(url),
@@ -194,7 +226,7 @@ pub struct PipelineArgs {
           value_parser = clap::value_parser!(u32).range(1..=64))]
     pub relays: u32,
 
-    /// Concurrent workers in this process (default: the number of CPU cores, at most 16).
+    /// Concurrent workers in this process (default: two per CPU core, at most 16).
     #[arg(long, env = "CRM_ANALYTICS_WORKERS", value_parser = clap::value_parser!(u32).range(1..=256))]
     pub workers: Option<u32>,
 
@@ -333,15 +365,21 @@ pub const DEFAULT_WORKERS_CAP: usize = 16;
 
 impl PipelineArgs {
     pub fn workers(&self) -> usize {
-        // At most 16 by default: each worker holds two analytics connections, and a large
-        // host must not exhaust the server's max_connections by default.
-        self.workers.map(|w| w as usize).unwrap_or_else(|| {
-            std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(2)
-                .min(DEFAULT_WORKERS_CAP)
-        })
+        self.workers.map_or_else(default_workers, |w| w as usize)
     }
+}
+
+/// Workers a process runs unless CRM_ANALYTICS_WORKERS says otherwise: two per CPU core, at
+/// most [`DEFAULT_WORKERS_CAP`]. A worker waits on the database about half of each batch
+/// (claim, statements, commit) and works in this process the other half; two per core keep
+/// the cores busy (the benchmark's drain section measures one per core beside the default).
+/// At most 16: each worker holds up to two analytics connections,
+/// and a large host must not exhaust the server's max_connections by default.
+pub fn default_workers() -> usize {
+    std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .saturating_mul(2)
+        .min(DEFAULT_WORKERS_CAP)
 }
 
 pub fn parse_duration(text: &str) -> Result<Duration, String> {

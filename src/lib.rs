@@ -10,7 +10,6 @@ pub mod aggregates;
 pub mod api;
 pub mod archive;
 pub mod backfill;
-pub mod bench;
 pub mod capture;
 pub mod cli;
 pub mod config;

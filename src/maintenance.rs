@@ -138,6 +138,18 @@ pub async fn run(
     }
 }
 
+/// The upkeep of a queue table (the outbox as the queue, the embedded queue), for
+/// [`crate::queue::Queue::maintenance`]: every event leaves a dead row behind, and
+/// vacuuming often keeps claims from scanning through them between autovacuum runs.
+pub fn queue_table_vacuum(
+    pool: &PgPool,
+    tables: &'static [&'static str],
+    interval: Duration,
+    shutdown: CancellationToken,
+) -> futures::future::BoxFuture<'static, ()> {
+    Box::pin(vacuum_loop(pool.clone(), tables, interval, shutdown))
+}
+
 /// Vacuums `tables` every `interval` until `shutdown`; a table another process is
 /// vacuuming is skipped. Without the right to vacuum, it says so once and stops.
 pub async fn vacuum_loop(

@@ -276,9 +276,18 @@ impl Pipeline {
     ) -> anyhow::Result<Self> {
         let options = crate::queue::QueueOptions {
             consumes: roles.workers,
+            keep_processed: !args.outbox_retention.is_zero(),
             ..db.queue.options(args.queue_capacity)
         };
-        let queue = crate::queue::open(&db.queue.spec, &analytics, &options).await?;
+        let spec = crate::queue::resolve(db, &analytics).await?;
+        if roles.relay && !roles.workers && spec == crate::queue::QueueSpec::Outbox {
+            tracing::warn!(
+                "the outbox is the queue (CRM_ANALYTICS_QUEUE, or its default with one \
+                 database): the workers read it themselves, and this relay process has nothing \
+                 to do; it waits idle until stopped"
+            );
+        }
+        let queue = crate::queue::open(&spec, &analytics, &options).await?;
         let pipeline = Self::assemble(crm, analytics, queue, args)?;
         // Workers write the archive: a wrong endpoint or a missing bucket stops the process
         // now, not at the first batch (which would then retry forever).
@@ -354,7 +363,8 @@ impl Pipeline {
     /// Runs the chosen stages until `shutdown` is cancelled, then waits for them to stop.
     pub async fn run(&self, roles: Roles, shutdown: CancellationToken) -> anyhow::Result<()> {
         let mut tasks = tokio::task::JoinSet::new();
-        if roles.relay {
+        // The outbox as the queue has no relay: its workers read the outbox themselves.
+        if roles.relay && self.queue.needs_relay() {
             let (crm, analytics, queue, config, stop) = (
                 self.crm.clone(),
                 self.analytics.clone(),
@@ -402,6 +412,11 @@ impl Pipeline {
                     Ok(())
                 });
             }
+        }
+        if tasks.is_empty() {
+            // A relay process on the outbox as the queue: idle, not exited (a supervisor
+            // would start it again and again).
+            shutdown.cancelled().await;
         }
         let mut result = Ok(());
         while let Some(joined) = tasks.join_next().await {

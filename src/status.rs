@@ -49,7 +49,7 @@ pub struct OutboxLag {
 }
 
 /// What the CRM database told.
-pub async fn read_crm(crm: &PgPool) -> anyhow::Result<OutboxLag> {
+pub async fn read_crm(crm: &PgPool) -> Result<OutboxLag, sqlx::Error> {
     let (counted, live): (i64, i64) = sqlx::query_as(
         "SELECT (SELECT count(*) FROM (SELECT 1 FROM crm_analytics.event_outbox LIMIT $1) s),
                 pg_stat_get_live_tuples('crm_analytics.event_outbox'::regclass)",
@@ -218,7 +218,7 @@ impl Report {
 
 /// The CRM side within READ_TIMEOUT.
 pub async fn read_crm_bounded(crm: &PgPool) -> Result<OutboxLag, Unread> {
-    bounded(Some(crm), read_crm(crm)).await
+    bounded(Some(crm), async { Ok(read_crm(crm).await?) }).await
 }
 
 /// The analytics side within READ_TIMEOUT.

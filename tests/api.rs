@@ -540,6 +540,60 @@ async fn cached_responses_follow_every_commit_to_the_aggregates() {
     teardown(db, pool, server).await;
 }
 
+/// Requests that miss the cache together share one query: with the funnel table locked,
+/// eight concurrent requests for one URL leave one query waiting on the lock, not one per
+/// request (the API's pool has eight connections), and all get the same answer once it is
+/// released. Another URL is another query.
+#[tokio::test]
+async fn concurrent_misses_share_one_query() {
+    let (db, pool, server) = setup().await;
+    let mut lock = pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE analytics.lead_funnel_metrics IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    let get = |path: &'static str| {
+        let base = server.base.clone();
+        tokio::spawn(async move { get_json(&base, path).await })
+    };
+    let same: Vec<_> = (0..8).map(|_| get("/api/funnel-metrics/")).collect();
+    let other = get("/api/funnel-metrics/?limit=1");
+    let waiting = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND wait_event_type = 'Lock'
+               AND query LIKE '%lead_funnel_metrics%'",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while waiting().await < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the requests never reached the database"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // Time for any further query to reach the lock too.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert_eq!(
+        waiting().await,
+        2,
+        "one query for the eight requests of one URL and one for the other URL"
+    );
+    lock.commit().await.unwrap();
+    let mut answers = Vec::new();
+    for request in same {
+        answers.push(request.await.unwrap());
+    }
+    assert!(answers.iter().all(|answer| *answer == answers[0]));
+    assert_eq!(answers[0].0, 200);
+    assert_eq!(other.await.unwrap().0, 200);
+    teardown(db, pool, server).await;
+}
+
 /// Next/previous links never come from the request's Host or X-Forwarded-* headers: the
 /// cache shares one answer between clients, so a link built from one client's Host would
 /// send other clients (and the dashboard's bearer token) to that host.

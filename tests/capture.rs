@@ -51,6 +51,7 @@ async fn migrate_is_idempotent_and_versioned() {
             ("capture".into(), 3),
             ("capture".into(), 4),
             ("capture".into(), 5),
+            ("capture".into(), 6),
             ("postgres_queue".into(), 1)
         ]
     );

@@ -257,3 +257,38 @@ fn a_dedup_retention_too_short_for_redeliveries_is_refused_naming_the_setting() 
         "{said}"
     );
 }
+
+/// The outbox as the queue reads the CRM's outbox in the analytics database: with the
+/// analytics elsewhere it is refused, naming the settings, before anything runs (and
+/// even where that other database holds an outbox of its own). Unset, the queue is then
+/// the embedded one, behind a relay.
+#[tokio::test]
+async fn the_outbox_as_the_queue_is_refused_with_a_separate_analytics_database() {
+    let (crm, crm_pool) = TestDb::migrated().await;
+    let (analytics, analytics_pool) = TestDb::migrated().await;
+    let run = |command: &str, queue: Option<&str>| {
+        let mut command = crm_analytics(&[command], Some(&crm.url));
+        command.env("ANALYTICS_DATABASE_URL", &analytics.url);
+        match queue {
+            Some(queue) => command.env("CRM_ANALYTICS_QUEUE", queue),
+            None => command.env_remove("CRM_ANALYTICS_QUEUE"),
+        };
+        command.output().expect("run crm-analytics")
+    };
+    for command in ["worker", "status"] {
+        let output = run(command, Some("outbox"));
+        let said = text(&output);
+        assert!(!output.status.success(), "{command}: {said}");
+        assert!(
+            said.contains("CRM_ANALYTICS_QUEUE=outbox needs the analytics in the CRM's database")
+                && said.contains("ANALYTICS_DATABASE_URL"),
+            "{command}: {said}"
+        );
+    }
+    let output = run("status", None);
+    let said = text(&output);
+    assert!(output.status.success(), "{said}");
+    assert!(said.contains("queue          postgres, up"), "{said}");
+    analytics.finish(analytics_pool).await;
+    crm.finish(crm_pool).await;
+}

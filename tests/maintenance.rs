@@ -226,3 +226,86 @@ async fn a_relay_down_longer_than_the_dedup_retention_does_not_count_an_event_tw
     assert_eq!(kept, 0);
     db.finish(pool).await;
 }
+
+/// After a backlog the outbox keeps its size (its last page stays in use), and most of its
+/// pages are empty. A claim while few events wait must not read them all: it goes through
+/// the primary key. Its batch also commits without waiting for the disk (a lost batch
+/// loses its removal from the outbox with it).
+#[tokio::test]
+async fn a_short_claim_after_a_backlog_skips_the_emptied_pages() {
+    let (db, pool) = TestDb::migrated().await;
+    // Three connections (the notification listener, a claim's transaction and the pacing
+    // beside it); the last two have their statistics reset before the measured claim.
+    let claims = db.pool(3).await;
+    let queue = common::open_outbox(&claims, false).await;
+    sqlx::raw_sql(
+        "INSERT INTO accounts (name) SELECT 'a' || i FROM generate_series(1, 5000) i;
+         -- the last row waits an hour (a retry's delay): vacuum cannot cut the table short
+         UPDATE crm_analytics.event_outbox SET available_at = now() + interval '1 hour'
+         WHERE event_id = (SELECT event_id FROM crm_analytics.event_outbox ORDER BY event_id DESC LIMIT 1);",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let mut drained = 0;
+    loop {
+        let batch = queue
+            .receive(1000, Duration::from_millis(100))
+            .await
+            .unwrap();
+        let n = batch.deliveries().len();
+        common::settle_all(vec![batch]).await;
+        drained += n;
+        if n == 0 {
+            break;
+        }
+    }
+    assert_eq!(drained, 4999, "the backlog but its delayed row");
+    sqlx::raw_sql("VACUUM crm_analytics.event_outbox")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let pages: i64 =
+        sqlx::query_scalar("SELECT pg_relation_size('crm_analytics.event_outbox') / 8192")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert!(pages > 100, "the outbox kept its size: {pages} pages");
+    sqlx::raw_sql("INSERT INTO accounts (name) SELECT 'b' || i FROM generate_series(1, 3) i")
+        .execute(&pool)
+        .await
+        .unwrap();
+    // Each connection's pending statistics are flushed as it goes idle, so what the
+    // claiming one counts next is the claim's own reads.
+    let mut both = Vec::new();
+    for _ in 0..2 {
+        let mut conn = claims.acquire().await.unwrap();
+        sqlx::query("SELECT pg_stat_force_next_flush()")
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+        both.push(conn);
+    }
+    drop(both);
+    let mut batch = queue.receive(1000, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(batch.deliveries().len(), 3);
+    let tx = batch.transaction().expect("the batch's transaction");
+    let fetched: i64 = sqlx::query_scalar(
+        "SELECT pg_stat_get_xact_blocks_fetched('crm_analytics.event_outbox'::regclass)",
+    )
+    .fetch_one(&mut *tx)
+    .await
+    .unwrap();
+    assert!(
+        fetched < 20,
+        "the claim read {fetched} of the outbox's {pages} pages"
+    );
+    let durable: String = sqlx::query_scalar("SHOW synchronous_commit")
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    assert_eq!(durable, "off");
+    common::settle_all(vec![batch]).await;
+    claims.close().await;
+    db.finish(pool).await;
+}

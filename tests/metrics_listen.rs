@@ -32,6 +32,8 @@ fn crm_analytics(db: &TestDb, args: &[&str]) -> Command {
         .env("CRM_ANALYTICS_ARCHIVE", &db.archive)
         .env("CRM_ANALYTICS_WORKERS", "2")
         .env("CRM_ANALYTICS_RELAYS", "1")
+        // The relay has metrics of its own only where it runs: behind the embedded queue.
+        .env("CRM_ANALYTICS_QUEUE", "postgres")
         .env("CRM_ANALYTICS_POLL_INTERVAL", "200ms")
         .env("CRM_ANALYTICS_RETRY_BACKOFF", "100ms")
         .stdout(Stdio::null())

@@ -459,12 +459,13 @@ async fn status_names_the_queue_backend_and_its_state() {
     let output = status(false);
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "{stdout}");
-    assert!(stdout.contains("queue          postgres, up"), "{stdout}");
+    // One database and no setting: the outbox itself is the queue.
+    assert!(stdout.contains("queue          outbox, up"), "{stdout}");
     assert!(stdout.contains("queue depth    0 events"), "{stdout}");
     let output = status(true);
     assert!(output.status.success());
     let value: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
-    assert_eq!(value["queue_backend"], "postgres", "{value}");
+    assert_eq!(value["queue_backend"], "outbox", "{value}");
     assert_eq!(value["queue_depth"], 0, "{value}");
     assert_eq!(value["queue_depth_approximate"], false, "{value}");
     assert_eq!(

@@ -2,7 +2,8 @@
 //! back aggregates equal to a recomputation from the CRM, from a local folder or S3, with
 //! the processed outbox gone (the archive the only source), copies of retried batches
 //! counted once; a replay while `run` runs and the CRM writes ends exact; an event archived
-//! by a batch that rolled back is counted once; a date-range replay recomputes only the rows
+//! by a batch that rolled back is counted once (and, on the outbox as the queue, left to
+//! the workers); a date-range replay recomputes only the rows
 //! its dates own; `verify --archive` finds an archive that would not give the numbers back.
 
 mod common;
@@ -24,6 +25,7 @@ fn options(range: Option<DateRange>) -> ReplayOptions {
         range,
         allow_incomplete: false,
         location: "test archive".into(),
+        outbox_is_queue: false,
     }
 }
 
@@ -313,6 +315,64 @@ async fn an_event_archived_by_a_batch_that_rolled_back_is_counted_once() {
     replay_all(&pool, &archive).await;
     let running = common::start(&db, &db.args()).await;
     common::drain(&pool, Duration::from_secs(60)).await;
+    running.stop().await;
+    common::assert_exact(&pool).await;
+    db.finish(pool).await;
+}
+
+/// On the outbox as the queue, a batch applied and archived whose transaction then rolled
+/// back: its events are in the archive and still in the outbox. Replay leaves them to the
+/// workers (no ledger on that path would stop them from counting twice).
+#[tokio::test]
+async fn on_the_outbox_an_event_archived_by_a_batch_that_rolled_back_is_left_to_the_workers() {
+    use crm_analytics::worker::apply::{Applier, Idempotency, Prepared};
+    let (db, pool) = TestDb::migrated().await;
+    let args = db.args();
+    common::run_workload(&pool, 2, 40, 61).await;
+    let running = common::start_on_outbox(&db, &args).await;
+    let analytics = db.pool(4).await;
+    let outbox = common::open_outbox(&analytics, false).await;
+    common::drain_through(&pool, &*outbox, Duration::from_secs(60)).await;
+    running.stop().await;
+
+    common::run_workload(&pool, 2, 40, 62).await;
+    let archive = Archive::open(db.archive.to_str().expect("UTF-8 path"), Layout::Batch)
+        .expect("open the archive");
+    let applier = Applier {
+        pool: analytics.clone(),
+        archive: Some(archive.clone()),
+    };
+    let mut batch = outbox
+        .receive(150, Duration::from_secs(5))
+        .await
+        .expect("claim a batch");
+    let prepared: Vec<Prepared> = batch
+        .deliveries()
+        .iter()
+        .enumerate()
+        .map(|(index, delivery)| Prepared {
+            index,
+            event: decode(&Envelope::from_json(&delivery.body).expect("an envelope"))
+                .expect("an event"),
+            json: delivery.body.clone(),
+        })
+        .collect();
+    let pending = prepared.len();
+    assert!(pending > 50, "{pending} events claimed");
+    let refs: Vec<&Prepared> = prepared.iter().collect();
+    let tx = batch
+        .transaction()
+        .expect("an outbox batch holds its transaction");
+    applier
+        .apply_in(tx, &refs, Idempotency::Removal)
+        .await
+        .expect("apply and archive the batch");
+    drop(batch); // the worker died before its commit: applied nowhere, archived
+
+    let report = replay_all(&pool, &archive).await;
+    assert_eq!(report.waiting, pending as u64, "{report:?}");
+    let running = common::start_on_outbox(&db, &args).await;
+    common::drain_through(&pool, &*outbox, Duration::from_secs(60)).await;
     running.stop().await;
     common::assert_exact(&pool).await;
     db.finish(pool).await;
@@ -687,6 +747,46 @@ async fn verify_archive_and_replay_from_the_command_line() {
         "{out}"
     );
     let _ = std::fs::remove_dir_all(&empty);
+    common::assert_exact(&pool).await;
+    db.finish(pool).await;
+}
+
+/// On the outbox as the queue the workers write no ledger; a ledger with a history (from
+/// before an upgrade, or an earlier full replay) must not make a date-range replay take
+/// the events they applied since as not applied yet, and count them twice.
+#[tokio::test]
+async fn on_the_outbox_a_date_range_replay_takes_what_the_workers_applied_as_applied() {
+    let (db, pool) = TestDb::migrated().await;
+    let args = db.args();
+    sqlx::query(
+        "INSERT INTO crm_analytics.applied_events (event_id, applied_at)
+         VALUES (gen_random_uuid(), now() - interval '1 hour')",
+    )
+    .execute(&pool)
+    .await
+    .expect("an old ledger entry");
+    let running = common::start_on_outbox(&db, &args).await;
+    common::run_workload(&pool, 2, 40, 71).await;
+    let analytics = db.pool(4).await;
+    let outbox = common::open_outbox(&analytics, false).await;
+    common::drain_through(&pool, &*outbox, Duration::from_secs(60)).await;
+    running.stop().await;
+    common::assert_exact(&pool).await;
+    let today = chrono::Utc::now().date_naive();
+    let range = DateRange {
+        from: Some(today),
+        to: Some(today),
+    };
+    let archive = Archive::open(db.archive.to_str().expect("UTF-8 path"), Layout::Batch)
+        .expect("open the archive");
+    let on_outbox = ReplayOptions {
+        outbox_is_queue: true,
+        ..options(Some(range))
+    };
+    let report = replay(&pool, &archive, &on_outbox)
+        .await
+        .expect("replay the range");
+    assert_eq!(report.claimed, 0, "{report:?}");
     common::assert_exact(&pool).await;
     db.finish(pool).await;
 }

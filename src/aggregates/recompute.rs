@@ -16,7 +16,9 @@ use crate::event::CrmTable;
 /// Rows are written to the analytics database in chunks of this many keys.
 const CHUNK: usize = 5_000;
 
-pub(crate) fn daily_sql(crm: &str) -> String {
+/// The query recomputing daily_account_metrics from the CRM tables in schema `crm`, one
+/// [`DailyRow`] per row (public for the benchmark's baselines and materialized views).
+pub fn daily_sql(crm: &str) -> String {
     format!(
         "SELECT account_id, day, sum(lc)::int8, sum(lv)::int8, sum(a)::int8, sum(dw)::int8, sum(rw)
          FROM (
@@ -38,7 +40,9 @@ pub(crate) fn daily_sql(crm: &str) -> String {
     )
 }
 
-pub(crate) fn funnel_sql(crm: &str) -> String {
+/// The query recomputing lead_funnel_metrics from the CRM tables in schema `crm`, one
+/// [`FunnelRow`] per row (public for the benchmark's baselines and materialized views).
+pub fn funnel_sql(crm: &str) -> String {
     format!(
         "SELECT (created_at AT TIME ZONE 'UTC')::date, source,
                 count(*) FILTER (WHERE status = 'new'),
@@ -52,7 +56,9 @@ pub(crate) fn funnel_sql(crm: &str) -> String {
     )
 }
 
-pub(crate) fn revenue_sql(crm: &str) -> String {
+/// The query recomputing revenue_metrics from the CRM tables in schema `crm`, one
+/// [`RevenueRow`] per row (public for the benchmark's baselines and materialized views).
+pub fn revenue_sql(crm: &str) -> String {
     format!(
         "SELECT account_id, date_trunc('month', closed_at AT TIME ZONE 'UTC')::date,
                 count(*), sum(coalesce(amount, 0))

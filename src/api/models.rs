@@ -88,7 +88,7 @@ pub struct LatencyMs {
 pub struct Health {
     /// Events committed in the CRM, not yet handed to the queue (null: CRM unreachable).
     pub outbox_lag: Option<u64>,
-    /// The queue's backend (CRM_ANALYTICS_QUEUE): "postgres", "sqs" or "nats".
+    /// The queue's backend (CRM_ANALYTICS_QUEUE): "outbox", "postgres", "sqs" or "nats".
     pub queue_backend: String,
     /// Events in the queue, waiting or being applied (null: the queue did not answer).
     pub queue_depth: Option<u64>,

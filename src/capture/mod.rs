@@ -6,6 +6,8 @@
 //! The trigger functions run as `crm_analytics_capture`, a role that may only append to the
 //! outbox; row images carry every column or, with `metrics`, only what the metrics read.
 
+pub mod wake;
+
 use sqlx::PgPool;
 
 use crate::event::CrmTable;
@@ -37,6 +39,11 @@ pub const MIGRATIONS: &[Migration] = &[
         version: 5,
         description: "event ids that never repeat across restores, failovers and copies",
         sql: include_str!("sql/005_ids_across_restores.sql"),
+    },
+    Migration {
+        version: 6,
+        description: "the outbox as the queue: retry delay and last error",
+        sql: include_str!("sql/006_outbox_as_queue.sql"),
     },
 ];
 

@@ -15,9 +15,9 @@ pub(super) struct Connections {
 }
 
 impl Connections {
-    /// Opens what `command` needs. Every command but `migrate`, `status`, `demo` and `bench`
-    /// stops here with "run `crm-analytics migrate`" when our schemas are missing or old;
-    /// `demo` and `bench` create databases of their own and connect to those.
+    /// Opens what `command` needs. Every command but `migrate`, `status` and `demo` stops
+    /// here with "run `crm-analytics migrate`" when our schemas are missing or old; `demo`
+    /// creates databases of its own and connects to those.
     pub async fn for_command(db: &DatabaseArgs, command: &Command) -> anyhow::Result<Self> {
         const RELAY: Roles = Roles {
             relay: true,
@@ -43,7 +43,7 @@ impl Connections {
             Command::Relay { pipeline, .. } => Self::pipeline(db, pipeline, RELAY, false).await,
             Command::Worker { pipeline, .. } => Self::pipeline(db, pipeline, WORKERS, false).await,
             Command::Status { .. } => Self::each_on_its_own(db).await,
-            Command::Demo(_) | Command::Bench(_) => Ok(Self {
+            Command::Demo(_) => Ok(Self {
                 crm: None,
                 analytics: None,
             }),

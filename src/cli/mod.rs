@@ -25,8 +25,9 @@ use connections::Connections;
 /// Live, exact sales analytics from a PostgreSQL CRM.
 ///
 /// Triggers capture every change of accounts, leads, projects and activities into an
-/// outbox in the same transaction; a relay moves events to a queue; workers apply them
-/// exactly once to pre-aggregated tables in schema `analytics`. Start with `demo`.
+/// outbox in the same transaction; workers apply them exactly once to pre-aggregated
+/// tables in schema `analytics`, reading the outbox itself or, with a separate analytics
+/// database or a broker, a queue a relay fills. Start with `demo`.
 #[derive(Debug, Parser)]
 #[command(name = "crm-analytics", version, about, long_about)]
 pub struct Cli {
@@ -101,7 +102,7 @@ pub enum Command {
         #[command(flatten)]
         server: ServerArgs,
     },
-    /// Run only the relay (outbox to queue).
+    /// Run only the relay (outbox to queue; nothing to do on the outbox as the queue).
     Relay {
         #[command(flatten)]
         pipeline: PipelineArgs,
@@ -128,8 +129,6 @@ pub enum Command {
     },
     /// Run a live demo: a CRM workload with the pipeline attached (needs only PostgreSQL).
     Demo(demo::DemoArgs),
-    /// Run the benchmark suite and write BENCHMARKS.md (needs only PostgreSQL).
-    Bench(crate::bench::BenchArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -297,6 +296,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 range,
                 allow_incomplete: args.allow_incomplete,
                 location: args.archive.location.clone(),
+                outbox_is_queue: crate::queue::resolve(db, connections.analytics()?).await?
+                    == crate::queue::QueueSpec::Outbox,
             };
             let report =
                 crate::replay::replay(connections.analytics()?, &archive, &options).await?;
@@ -312,13 +313,15 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             println!(
                 "{scope}: {} events replayed from {} archive objects in {:.1} s ({:.0} events/s); \
-                 {} copies of retried batches and {} parked events left out{}",
+                 {} copies of retried batches, {} parked events and {} events still waiting \
+                 in the outbox (the workers apply them) left out{}",
                 report.events,
                 report.objects,
                 report.elapsed.as_secs_f64(),
                 report.events_per_second(),
                 report.duplicates,
                 report.parked,
+                report.waiting,
                 match range {
                     Some(_) => format!(
                         "; {} events no worker had applied yet were counted whole (their \
@@ -356,7 +359,10 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             let state = AppState {
                 crm: connections.crm()?.clone(),
                 analytics: analytics.clone(),
-                queue: db.queue.open_unbounded(analytics).await?,
+                queue: db
+                    .queue
+                    .open_unbounded(&crate::queue::resolve(db, analytics).await?, analytics)
+                    .await?,
             };
             let options = crate::api::ServeOptions::from_args(&server);
             crate::api::serve(server.listen, state, options, shutdown).await?
@@ -385,7 +391,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                     }
                 }
                 FailedAction::Retry { ids, all } => {
-                    let queue = db.queue.open_unbounded(analytics).await?;
+                    let spec = crate::queue::resolve(db, analytics).await?;
+                    let queue = db.queue.open_unbounded(&spec, analytics).await?;
                     let selection = if all {
                         failed::Selection::All
                     } else {
@@ -400,7 +407,6 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Demo(args) => demo::run(db, args).await?,
-        Command::Bench(args) => crate::bench::run(db.database_url.as_deref(), args).await?,
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -471,7 +477,11 @@ async fn run_pipeline(
     let (crm, analytics) = (connections.crm()?, connections.analytics()?);
     let pipeline = Pipeline::open(crm.clone(), analytics.clone(), db, args, roles).await?;
     tracing::info!(
-        relay_loops = if roles.relay { args.relays } else { 0 },
+        relay_loops = if roles.relay && pipeline.queue.needs_relay() {
+            args.relays
+        } else {
+            0
+        },
         workers = if roles.workers {
             pipeline.worker.workers
         } else {

@@ -41,7 +41,10 @@ pub(super) async fn run(
         crm,
         analytics,
         queue: depth,
-        queue_backend: db.queue.spec.backend_name(),
+        queue_backend: match &queue {
+            Ok(queue) => queue.backend().to_string(),
+            Err(_) => db.queue_spec().backend_name(),
+        },
     };
     if json {
         println!("{}", serde_json::to_string_pretty(&as_json(&report))?);
@@ -86,7 +89,7 @@ async fn open_queue(
     let lazy;
     let analytics = match connections.analytics_outcome() {
         Ok(pool) => pool,
-        Err(_) if db.queue.spec.lives_in_analytics_database() => {
+        Err(_) if db.queue_spec().lives_in_analytics_database() => {
             return Err(Unread::Unreachable(
                 "it is in the analytics database, which is unreachable".into(),
             ))
@@ -105,7 +108,11 @@ async fn open_queue(
         creates: false,
         ..db.queue.options(u64::MAX)
     };
-    let opening = crate::queue::open(&db.queue.spec, analytics, &options);
+    let spec = match crate::queue::resolve(db, analytics).await {
+        Ok(spec) => spec,
+        Err(error) => return Err(Unread::Unreachable(format!("cannot read it: {error}"))),
+    };
+    let opening = crate::queue::open(&spec, analytics, &options);
     match tokio::time::timeout(READ_TIMEOUT, opening).await {
         Ok(Ok(queue)) => Ok(queue),
         Ok(Err(error)) => Err(Unread::Unreachable(format!("cannot open it: {error}"))),

@@ -136,7 +136,16 @@ pub async fn require_installed(
         let schema = crate::aggregates::MIGRATIONS;
         let (what, setting) = ("the analytics schema", db.analytics_setting());
         super::require(analytics, "analytics", schema, what, setting).await?;
-        crate::queue::require_installed(&db.queue.spec, analytics, setting).await?;
+        let spec = crate::queue::resolve(db, analytics)
+            .await
+            .map_err(|e| match e {
+                crate::queue::QueueError::Postgres(source) => MigrateError::Read {
+                    component: "postgres_queue",
+                    source,
+                },
+                other => MigrateError::Setting(other.to_string()),
+            })?;
+        crate::queue::require_installed(&spec, analytics, setting).await?;
     }
     Ok(())
 }

@@ -69,6 +69,9 @@ pub enum MigrateError {
         #[source]
         source: sqlx::Error,
     },
+    /// A setting that cannot work with these databases, saying which and what to do.
+    #[error("{0}")]
+    Setting(String),
 }
 
 /// Applies the migrations of `component` not applied yet, in one transaction, under an

@@ -7,13 +7,14 @@
 //! instead of filling memory.
 
 pub mod nats;
+pub mod outbox;
 pub mod postgres;
 mod spec;
 pub mod sqs;
 
 use async_trait::async_trait;
 use futures::future::BoxFuture;
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -100,6 +101,14 @@ pub struct Settlement {
 #[async_trait]
 pub trait ReceivedBatch: Send {
     fn deliveries(&self) -> &[Delivery];
+    /// The database transaction this batch is leased under, when the batch lives in the
+    /// analytics database itself (the outbox as the queue): the worker applies and parks
+    /// the batch's events inside it, so that applying them and taking them off the queue
+    /// commit together and no ledger is needed. None: the worker applies in transactions
+    /// of its own and records every event in the ledger.
+    fn transaction(&mut self) -> Option<&mut PgConnection> {
+        None
+    }
     /// Settles every delivery by index; a delivery left out goes back as if dropped.
     async fn settle(self: Box<Self>, settlement: Settlement) -> Result<(), QueueError>;
 }
@@ -114,8 +123,13 @@ pub struct Depth {
 
 #[async_trait]
 pub trait Queue: Send + Sync {
-    /// The backend's name for logs, status and metrics: postgres, sqs or nats.
+    /// The backend's name for logs, status and metrics: outbox, postgres, sqs or nats.
     fn backend(&self) -> &'static str;
+    /// Whether events reach this queue through the relay. The outbox as the queue needs
+    /// none: its workers read the outbox themselves.
+    fn needs_relay(&self) -> bool {
+        true
+    }
     /// Appends messages; returns once the queue acknowledged all of them. On error none
     /// or some may have been published (at least once).
     async fn publish_messages(&self, messages: &[Message]) -> Result<(), QueueError>;
@@ -193,6 +207,9 @@ pub struct QueueOptions {
     /// Whether a missing stream, consumer or queue is created. `status` only looks: a
     /// mistyped name must be reported, not created and shown as a healthy empty queue.
     pub creates: bool,
+    /// Whether consumed outbox rows are copied to event_outbox_processed (an outbox
+    /// retention is set; the outbox backend only: otherwise the relay copies them).
+    pub keep_processed: bool,
 }
 
 impl Default for QueueOptions {
@@ -204,6 +221,7 @@ impl Default for QueueOptions {
             sqs: sqs::SqsSettings::default(),
             consumes: true,
             creates: true,
+            keep_processed: false,
         }
     }
 }
@@ -222,8 +240,36 @@ impl QueueSpec {
     /// Whether the queue lives in the analytics database (the embedded queue), so that it
     /// is unreachable whenever that database is.
     pub fn lives_in_analytics_database(&self) -> bool {
-        matches!(self, QueueSpec::Postgres)
+        matches!(self, QueueSpec::Postgres | QueueSpec::Outbox)
     }
+}
+
+/// The queue a process uses: `CRM_ANALYTICS_QUEUE`, or its default
+/// ([`crate::config::DatabaseArgs::queue_spec`]). A default of the outbox while the embedded
+/// queue still holds events (written before an upgrade made the outbox the default, or
+/// before ANALYTICS_DATABASE_URL was dropped) stays postgres until they are drained, so
+/// that none of them is stranded; the next start then switches over.
+pub async fn resolve(
+    db: &crate::config::DatabaseArgs,
+    analytics: &PgPool,
+) -> Result<QueueSpec, QueueError> {
+    db.check_queue().map_err(QueueError::Setting)?;
+    let spec = db.queue_spec();
+    if db.queue.spec.is_some() || spec != QueueSpec::Outbox {
+        return Ok(spec);
+    }
+    Ok(match postgres::waiting_events(analytics).await? {
+        0 => spec,
+        waiting => {
+            tracing::warn!(
+                waiting,
+                "the embedded queue still holds events: this process keeps to it \
+                 (CRM_ANALYTICS_QUEUE=postgres, with the relay) and switches to the outbox as \
+                 the queue on a start after they are drained"
+            );
+            QueueSpec::Postgres
+        }
+    })
 }
 
 /// Installs what the backends keep in the analytics database (the embedded queue's
@@ -242,8 +288,22 @@ pub async fn require_installed(
     analytics: &PgPool,
     setting: &'static str,
 ) -> Result<(), MigrateError> {
-    if matches!(spec, QueueSpec::Postgres) {
-        postgres::require(analytics, setting).await?;
+    match spec {
+        QueueSpec::Postgres => postgres::require(analytics, setting).await?,
+        // The outbox as the queue reads capture's table in the analytics database: it is
+        // there only when that database is the CRM's.
+        QueueSpec::Outbox => {
+            let what = "the CRM's outbox (capture), which the outbox as the queue reads";
+            crate::migrate::require(
+                analytics,
+                "capture",
+                crate::capture::MIGRATIONS,
+                what,
+                setting,
+            )
+            .await?
+        }
+        QueueSpec::Nats(_) | QueueSpec::Sqs(_) => {}
     }
     Ok(())
 }
@@ -256,6 +316,10 @@ pub async fn open(
     options: &QueueOptions,
 ) -> Result<Arc<dyn Queue>, QueueError> {
     match spec {
+        QueueSpec::Outbox => Ok(Arc::new(
+            outbox::OutboxQueue::connect(analytics.clone(), options.lease, options.keep_processed)
+                .await?,
+        )),
         QueueSpec::Postgres => Ok(Arc::new(
             postgres::PostgresQueue::connect(analytics.clone(), options.capacity).await?,
         )),

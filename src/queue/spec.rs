@@ -11,6 +11,8 @@ use crate::config::{redact_userinfo, SecretSafe};
 /// The queue backend and where it is.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub enum QueueSpec {
+    /// The CRM's outbox itself, read by the workers (the analytics in the CRM's database).
+    Outbox,
     /// The embedded queue: a table in the analytics database.
     #[default]
     Postgres,
@@ -20,7 +22,7 @@ pub enum QueueSpec {
     Sqs(SqsTarget),
 }
 
-const FORMS: &str = "write postgres (the default), sqs://NAME (an SQS queue name), \
+const FORMS: &str = "write outbox, postgres, sqs://NAME (an SQS queue name), \
                      sqs://https://sqs.REGION.amazonaws.com/ACCOUNT/NAME (an SQS queue URL) or \
                      nats://HOST:PORT[/STREAM]";
 
@@ -129,6 +131,9 @@ impl FromStr for QueueSpec {
         if text.eq_ignore_ascii_case("postgres") || text.eq_ignore_ascii_case("postgresql") {
             return Ok(QueueSpec::Postgres);
         }
+        if text.eq_ignore_ascii_case("outbox") {
+            return Ok(QueueSpec::Outbox);
+        }
         if let Some(rest) = strip_prefix_ignore_case(text, "sqs://") {
             return SqsTarget::parse(rest).map(QueueSpec::Sqs);
         }
@@ -158,6 +163,7 @@ fn parse_queue(text: &str) -> Result<QueueSpec, String> {
 impl fmt::Display for QueueSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            QueueSpec::Outbox => f.write_str("outbox"),
             QueueSpec::Postgres => f.write_str("postgres"),
             QueueSpec::Nats(spec) => spec.fmt(f),
             QueueSpec::Sqs(target) => target.fmt(f),
@@ -192,8 +198,10 @@ fn parse_endpoint(text: &str) -> Result<String, String> {
 /// Where the queue is, for every command that reads or writes it.
 #[derive(Debug, Clone, Args)]
 pub struct QueueArgs {
-    /// The queue between relay and workers: postgres (a table in the analytics database,
-    /// nothing to install), nats://HOST:PORT[/STREAM] (NATS JetStream; stream CRM_ANALYTICS
+    /// The queue between the CRM's outbox and the workers: outbox (the workers read the
+    /// outbox itself; nothing to install, no relay; only when the analytics live in the
+    /// CRM's database), postgres (a table in the analytics database, fed by the relay),
+    /// nats://HOST:PORT[/STREAM] (NATS JetStream; stream CRM_ANALYTICS
     /// by default, created when missing; tls:// for TLS, USER:PASSWORD@ or TOKEN@ before
     /// the host for credentials) or an Amazon SQS queue: sqs://NAME (a queue in the
     /// configured account and region, created when missing, with the lease as its
@@ -201,10 +209,11 @@ pub struct QueueArgs {
     /// sqs://https://sqs.REGION.amazonaws.com/ACCOUNT/NAME (the region is taken from it).
     /// SQS credentials and region come from the standard AWS chain: AWS_ACCESS_KEY_ID/
     /// AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_PROFILE, web identity, container or instance
-    /// role.
-    #[arg(long = "queue", env = "CRM_ANALYTICS_QUEUE", default_value = "postgres",
+    /// role. Unset: outbox when ANALYTICS_DATABASE_URL is unset or equals DATABASE_URL,
+    /// else postgres.
+    #[arg(long = "queue", env = "CRM_ANALYTICS_QUEUE",
           global = true, hide_env_values = true, value_parser = SecretSafe(parse_queue))]
-    pub spec: QueueSpec,
+    pub spec: Option<QueueSpec>,
 
     /// The durable JetStream consumer the workers share, created when missing (NATS only).
     #[arg(long, env = "CRM_ANALYTICS_NATS_CONSUMER", value_name = "NAME",
@@ -235,11 +244,11 @@ pub struct QueueArgs {
 }
 
 impl Default for QueueArgs {
-    /// The embedded PostgreSQL queue with the default lease, as with no setting at all.
+    /// The default queue for the databases and the default lease, as with no setting at all.
     fn default() -> Self {
         let options = super::QueueOptions::default();
         Self {
-            spec: QueueSpec::Postgres,
+            spec: None,
             lease: options.lease,
             nats_consumer: options.nats.consumer,
             nats_subject: options.nats.subject,
@@ -264,20 +273,22 @@ impl QueueArgs {
             },
             consumes: true,
             creates: true,
+            keep_processed: false,
         }
     }
 
-    /// Opens the queue with no capacity bound and without consuming from it (status, API,
-    /// `failed retry`).
+    /// Opens the queue `spec` (see [`crate::config::DatabaseArgs::queue_spec`]) with no
+    /// capacity bound and without consuming from it (status, API, `failed retry`).
     pub async fn open_unbounded(
         &self,
+        spec: &QueueSpec,
         analytics: &sqlx::PgPool,
     ) -> Result<std::sync::Arc<dyn super::Queue>, super::QueueError> {
         let options = super::QueueOptions {
             consumes: false,
             ..self.options(u64::MAX)
         };
-        super::open(&self.spec, analytics, &options).await
+        super::open(spec, analytics, &options).await
     }
 }
 
@@ -334,7 +345,7 @@ mod tests {
             (options.capacity, options.nats.consumer.as_str()),
             (7, "w1")
         );
-        assert_eq!(cli.queue.spec.to_string(), "nats://h:4222/S");
+        assert_eq!(cli.queue.spec.expect("set").to_string(), "nats://h:4222/S");
     }
 
     fn sqs(text: &str) -> SqsTarget {

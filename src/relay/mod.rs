@@ -16,7 +16,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::capture::OUTBOX_CHANNEL;
+use crate::capture::{wake::Pacer, OUTBOX_CHANNEL};
 use crate::event::Envelope;
 use crate::listen::ChannelWatcher;
 use crate::queue::{Message, Queue};
@@ -211,72 +211,14 @@ fn sendable(queue: &dyn Queue, envelopes: &[Envelope]) -> (Vec<Message>, Vec<Dea
     (messages, refused)
 }
 
-/// While events keep coming the relay stays awake and polls this often, so that writers
-/// need not notify it: a NOTIFY costs every CRM transaction more than this poll costs us.
-const AWAKE_POLL: Duration = Duration::from_millis(5);
 /// Longest pause between retries after failures: once the queue or the CRM is back, the
 /// backlog starts moving within this time.
 const PAUSE_CAP: Duration = Duration::from_secs(5);
-/// After this long without events the relay goes to sleep and lets writers wake it.
-const LINGER: Duration = Duration::from_secs(1);
-
-/// The `relay_asleep` flag the capture's statement trigger reads before it notifies.
-struct SleepFlag {
-    crm: PgPool,
-    /// What this relay last wrote (None: nothing yet).
-    asleep: Option<bool>,
-    /// Transactions that were running when the flag went up: they may have read it down
-    /// and will commit without a notification, so the relay keeps polling until they end.
-    in_flight: Option<(String, std::time::Instant)>,
-}
-
-impl SleepFlag {
-    async fn set(&mut self, asleep: bool) -> Result<(), sqlx::Error> {
-        if self.asleep == Some(asleep) {
-            return Ok(());
-        }
-        sqlx::query("SELECT setval('crm_analytics.relay_asleep', $1, true)")
-            .bind(i64::from(asleep))
-            .execute(&self.crm)
-            .await?;
-        self.asleep = Some(asleep);
-        self.in_flight = None;
-        if asleep {
-            // A statement of its own, after the flag is up: setval took a transaction id.
-            let snapshot: String = sqlx::query_scalar("SELECT pg_current_snapshot()::text")
-                .fetch_one(&self.crm)
-                .await?;
-            self.in_flight = Some((snapshot, std::time::Instant::now()));
-        }
-        Ok(())
-    }
-
-    /// Whether writers that may not have seen the flag up can still commit.
-    async fn writers_in_flight(&mut self, patience: Duration) -> Result<bool, sqlx::Error> {
-        let Some((snapshot, since)) = &self.in_flight else {
-            return Ok(false);
-        };
-        // Past the patience, the ordinary poll picks up whatever they commit.
-        let running = since.elapsed() < patience
-            && sqlx::query_scalar(
-                "SELECT EXISTS (SELECT 1 FROM pg_snapshot_xip($1::pg_snapshot) x
-                                WHERE pg_xact_status(x) = 'in progress')",
-            )
-            .bind(snapshot)
-            .fetch_one(&self.crm)
-            .await?;
-        if !running {
-            self.in_flight = None;
-        }
-        Ok(running)
-    }
-}
 
 /// Relays until `shutdown` is cancelled; a batch under way finishes first.
 ///
-/// Awake, the relay polls every AWAKE_POLL and writers do not notify; after LINGER without
-/// events it raises the sleep flag, polls until the transactions that may have missed the
-/// flag have ended, and then sleeps until a notification (or the safety-net poll).
+/// Awake, the relay polls often and writers do not notify; idle, it sleeps until a
+/// notification or the safety-net poll (see [`crate::capture::wake`]).
 pub async fn run(
     crm: PgPool,
     analytics: PgPool,
@@ -309,12 +251,7 @@ async fn relay_loop(
     watcher: ChannelWatcher,
     shutdown: CancellationToken,
 ) {
-    let mut flag = SleepFlag {
-        crm: crm.clone(),
-        asleep: None,
-        in_flight: None,
-    };
-    let mut last_event = std::time::Instant::now();
+    let mut pacer = Pacer::new(crm.clone());
     let mut failures = 0u32;
     let mut batch = BatchSize::new(config.batch_size);
     let mut current = config.clone();
@@ -334,24 +271,10 @@ async fn relay_loop(
             let started = std::time::Instant::now();
             let relayed = relay_once(&crm, &analytics, &*queue, &current).await?;
             batch.after_batch(relayed, started.elapsed(), config.timeout);
-            if relayed > 0 {
-                last_event = std::time::Instant::now();
-                flag.set(false).await?;
-            }
-            if relayed >= current.batch_size {
-                return Ok(Duration::ZERO);
-            }
-            if last_event.elapsed() < LINGER {
-                return Ok(AWAKE_POLL);
-            }
-            if flag.asleep != Some(true) {
-                flag.set(true).await?;
-                return Ok(Duration::ZERO); // look once more with the flag up
-            }
-            if flag.writers_in_flight(config.poll_interval).await? {
-                return Ok(AWAKE_POLL);
-            }
-            Ok::<_, anyhow::Error>(config.poll_interval)
+            let wait = pacer
+                .after_claim(relayed, current.batch_size, config.poll_interval)
+                .await?;
+            Ok::<_, anyhow::Error>(wait)
         };
         match step.await {
             Ok(wait) => {

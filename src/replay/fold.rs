@@ -47,6 +47,30 @@ pub(super) enum Mode {
     },
 }
 
+/// Archived events still waiting in the outbox with no ledger entry (when the outbox is in
+/// this database). The outbox as the queue removes an event in the transaction that
+/// applies it, so one still there was archived by an attempt that rolled back and is
+/// applied when a worker claims it again: counting it here too would count it twice.
+/// (Behind the relay, an event applied while its row stayed in the outbox has a ledger
+/// entry and is counted as usual; one without was never applied either.)
+async fn waiting_in_outbox(tx: &mut PgConnection) -> Result<HashSet<Uuid>, sqlx::Error> {
+    let here: bool =
+        sqlx::query_scalar("SELECT to_regclass('crm_analytics.event_outbox') IS NOT NULL")
+            .fetch_one(&mut *tx)
+            .await?;
+    if !here {
+        return Ok(HashSet::new());
+    }
+    let ids: Vec<Uuid> = sqlx::query_scalar(
+        "SELECT o.event_id FROM crm_analytics.event_outbox o
+         WHERE NOT EXISTS (SELECT 1 FROM crm_analytics.applied_events a
+                           WHERE a.event_id = o.event_id)",
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    Ok(ids.into_iter().collect())
+}
+
 /// Sums the archive's events into the aggregate tables through `tx` (already emptied of
 /// what is recomputed).
 pub(super) async fn fold(
@@ -65,6 +89,7 @@ pub(super) async fn fold(
     .await?
     .into_iter()
     .collect();
+    let waiting = waiting_in_outbox(tx).await?;
     let mut progress = Progress::start(listing.objects() as u64);
     let (sender, mut objects) = tokio::sync::mpsc::channel(READ_AHEAD);
     let reader = tokio::spawn(read_ahead(archive.clone(), listing_paths(listing), sender));
@@ -93,6 +118,8 @@ pub(super) async fn fold(
                     state.report.duplicates += 1;
                 } else if parked.contains(&event.event_id) {
                     state.report.parked += 1;
+                } else if waiting.contains(&event.event_id) {
+                    state.report.waiting += 1;
                 } else {
                     state.pending.push(event);
                 }

@@ -7,7 +7,8 @@
 //! event it counts gets an entry in the idempotency ledger in the same transaction as the
 //! aggregates. An event the archive holds but no batch committed (archived, then its batch
 //! rolled back; its redelivery still to come) is therefore counted once, by replay, and
-//! dropped as a duplicate when it arrives. Events not in the archive were never applied:
+//! dropped as a duplicate when it arrives behind a relay; on the outbox as the queue (no
+//! ledger there) it is still in the outbox, and replay leaves it to the workers. Events not in the archive were never applied:
 //! workers apply them when they come, as always. Parked events (`failed_events`) were
 //! archived by attempts that failed and are never counted.
 
@@ -63,6 +64,8 @@ pub struct ReplayReport {
     pub duplicates: u64,
     /// Events left out because they are parked in failed_events.
     pub parked: u64,
+    /// Events left out because they still wait in the outbox: a worker applies them.
+    pub waiting: u64,
     /// Distinct events counted.
     pub events: u64,
     /// Events no batch had applied yet (a date-range replay counts them whole and takes
@@ -89,6 +92,9 @@ pub struct ReplayOptions {
     pub allow_incomplete: bool,
     /// Where the archive is, for messages.
     pub location: String,
+    /// Whether the workers read the outbox itself (no ledger on that path): a date-range
+    /// replay then takes every archived event that is not waiting in the outbox as applied.
+    pub outbox_is_queue: bool,
 }
 
 /// Replays the archive into the aggregates, in one transaction. See the module comment.
@@ -151,11 +157,17 @@ pub async fn replay(
             // Every event applied since the oldest entry still in the ledger is in it (pruning
             // removes the oldest first); CLAIM_MARGIN covers the CRM's and the analytics
             // server's clocks disagreeing. An empty ledger vouches for nothing: claim none.
+            // On the outbox as the queue the workers write no ledger, and an archived event
+            // not left out as waiting in the outbox was applied: claim none either.
             let claim_after: DateTime<Utc> = sqlx::query_scalar(
-                "SELECT coalesce(min(applied_at), 'infinity') + $1 * interval '1 second'
+                // Far in the future, not 'infinity' (which no chrono time can hold).
+                "SELECT CASE WHEN $2 THEN timestamptz '9999-12-31 00:00Z'
+                             ELSE coalesce(min(applied_at) + $1 * interval '1 second',
+                                           timestamptz '9999-12-31 00:00Z') END
                  FROM crm_analytics.applied_events",
             )
             .bind(CLAIM_MARGIN.as_secs_f64())
+            .bind(options.outbox_is_queue)
             .fetch_one(&mut *tx)
             .await?;
             Mode::Range {

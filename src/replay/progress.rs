@@ -88,6 +88,7 @@ impl Progress {
             events = report.events,
             duplicates = report.duplicates,
             parked = report.parked,
+            waiting = report.waiting,
             claimed = report.claimed,
             events_per_second = self.rate().round() as u64,
             "archive read"

@@ -3,8 +3,9 @@
 //! every batch shares are locked last (see [`Applier::apply`]).
 
 use chrono::Utc;
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 use std::collections::{BTreeMap, HashSet};
+use std::time::Duration;
 use uuid::Uuid;
 
 use crate::aggregates::{apply::write_deltas, delta::Deltas, rows::ChangeEvent};
@@ -105,6 +106,39 @@ pub struct Applied {
     pub duplicates: usize,
 }
 
+/// How a batch's transaction tells the events it applies for the first time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Idempotency {
+    /// Every event id goes into the ledger (crm_analytics.applied_events), and ids found
+    /// there are duplicates: for queues that may deliver an event again after it was
+    /// applied.
+    Ledger,
+    /// The same transaction removes the events from where they wait (the outbox as the
+    /// queue): once it commits they cannot come back, and until it does nothing of it
+    /// counts. The ledger is only read (an event a relay handed over and that was applied
+    /// behind it, but whose outbox row survived, is a duplicate) and never written.
+    Removal,
+}
+
+/// What to report once a batch's transaction has committed (not before: a batch that
+/// rolls back was not applied).
+#[derive(Debug, Default)]
+pub struct Committed {
+    /// Table, operation and age at apply of every event applied.
+    ages: Vec<(&'static str, &'static str, Duration)>,
+    archive_objects: usize,
+}
+
+impl Committed {
+    /// Records the batch in the process's metrics.
+    pub fn report(self) {
+        for (table, operation, age) in self.ages {
+            telemetry::event_applied(table, operation, age);
+        }
+        telemetry::archive_written(self.archive_objects);
+    }
+}
+
 pub struct Applier {
     pub pool: PgPool,
     pub archive: Option<Archive>,
@@ -149,7 +183,8 @@ impl Applier {
     /// 3. the idempotency ledger: inserts this batch's event ids, sorted (two batches
     ///    holding the same redelivered events wait on each other in one order, never in a
     ///    cycle); rows no other batch touches unless it carries the same events. The same
-    ///    statement forgets the ids of retried parked events it applies.
+    ///    statement forgets the ids of retried parked events it applies. (With
+    ///    [`Idempotency::Removal`] no ledger: only the retried ids are forgotten.)
     /// 4. the archive write, before any shared row is locked: a slow write (an S3 round
     ///    trip) delays this batch alone. At least once: a batch whose transaction fails
     ///    after it is archived again on its retry; readers de-duplicate by event_id.
@@ -161,6 +196,21 @@ impl Applier {
     /// 6. commit.
     pub async fn apply(&self, events: &[&Prepared]) -> Result<Applied, ApplyError> {
         let mut tx = self.pool.begin().await?;
+        let (applied, committed) = self.apply_in(&mut tx, events, Idempotency::Ledger).await?;
+        tx.commit().await?;
+        committed.report();
+        Ok(applied)
+    }
+
+    /// The statements of [`Applier::apply`] on a transaction the caller commits (and then
+    /// reports what [`Committed`] holds), with the idempotency that suits where the events
+    /// came from.
+    pub async fn apply_in(
+        &self,
+        tx: &mut PgConnection,
+        events: &[&Prepared],
+        idempotency: Idempotency,
+    ) -> Result<(Applied, Committed), ApplyError> {
         // Shared with other workers, exclusive for backfill: a rebuild never interleaves.
         sqlx::query("SELECT pg_advisory_xact_lock_shared($1)")
             .bind(BACKFILL_LOCK)
@@ -175,23 +225,26 @@ impl Applier {
         let mut ids: Vec<Uuid> = events.iter().map(|p| p.event.event_id).collect();
         ids.sort_unstable();
         ids.dedup();
-        // An event put back by `failed retry` is no longer waiting once applied.
-        let fresh: HashSet<Uuid> = sqlx::query_scalar(
-            "WITH fresh AS (
-                INSERT INTO crm_analytics.applied_events (event_id)
-                SELECT unnest($1::uuid[])
-                ON CONFLICT (event_id) DO NOTHING
-                RETURNING event_id
-             ), settled AS (
-                DELETE FROM crm_analytics.retried_events r USING fresh WHERE r.event_id = fresh.event_id
-             )
-             SELECT event_id FROM fresh",
-        )
-        .bind(&ids)
-        .fetch_all(&mut *tx)
-        .await?
-        .into_iter()
-        .collect();
+        let fresh: HashSet<Uuid> = match idempotency {
+            Idempotency::Ledger => self.record_in_ledger(tx, &ids).await?,
+            Idempotency::Removal => {
+                // An event put back by `failed retry` is no longer waiting once applied. An
+                // id in the ledger was applied behind a relay that died before deleting its
+                // outbox row (or before an upgrade made the outbox the queue): a duplicate.
+                let known: HashSet<Uuid> = sqlx::query_scalar(
+                    "WITH settled AS (
+                        DELETE FROM crm_analytics.retried_events WHERE event_id = ANY($1)
+                     )
+                     SELECT event_id FROM crm_analytics.applied_events WHERE event_id = ANY($1)",
+                )
+                .bind(&ids)
+                .fetch_all(&mut *tx)
+                .await?
+                .into_iter()
+                .collect();
+                ids.into_iter().filter(|id| !known.contains(id)).collect()
+            }
+        };
 
         let mut deltas = Deltas::default();
         let mut seen = HashSet::with_capacity(fresh.len());
@@ -238,7 +291,7 @@ impl Applier {
                 .or_default() += 1;
             ages.push((event.table.name(), event.operation.name(), age));
         }
-        write_deltas(&mut tx, &deltas).await?;
+        write_deltas(&mut *tx, &deltas).await?;
         if !latency.is_empty() {
             let (buckets, counts): (Vec<i32>, Vec<i64>) = latency.into_iter().unzip();
             sqlx::query(
@@ -251,15 +304,43 @@ impl Applier {
             .execute(&mut *tx)
             .await?;
         }
-        tx.commit().await?;
-        for (table, operation, age) in ages {
-            telemetry::event_applied(table, operation, age);
-        }
-        telemetry::archive_written(archive_objects);
-        Ok(Applied {
+        let applied = Applied {
             fresh: seen.len(),
             duplicates: events.len() - seen.len(),
-        })
+        };
+        Ok((
+            applied,
+            Committed {
+                ages,
+                archive_objects,
+            },
+        ))
+    }
+
+    /// Inserts `ids` (sorted) into the ledger; returns those that were not there yet. The
+    /// same statement forgets the ids of retried parked events it applies.
+    async fn record_in_ledger(
+        &self,
+        tx: &mut PgConnection,
+        ids: &[Uuid],
+    ) -> Result<HashSet<Uuid>, ApplyError> {
+        // An event put back by `failed retry` is no longer waiting once applied.
+        let fresh = sqlx::query_scalar("WITH fresh AS (
+                INSERT INTO crm_analytics.applied_events (event_id)
+                SELECT unnest($1::uuid[])
+                ON CONFLICT (event_id) DO NOTHING
+                RETURNING event_id
+             ), settled AS (
+                DELETE FROM crm_analytics.retried_events r USING fresh WHERE r.event_id = fresh.event_id
+             )
+             SELECT event_id FROM fresh",
+        )
+        .bind(ids)
+        .fetch_all(&mut *tx)
+        .await?
+        .into_iter()
+        .collect();
+        Ok(fresh)
     }
 }
 

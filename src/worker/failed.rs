@@ -5,7 +5,7 @@
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::value::RawValue;
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use crate::aggregates::{apply::write_deltas, delta::Deltas};
@@ -80,6 +80,14 @@ pub async fn park(pool: &PgPool, letters: &[DeadLetter]) -> Result<usize, sqlx::
         return Ok(0);
     }
     let mut tx = pool.begin().await?;
+    let parked = park_in(&mut tx, letters).await?;
+    tx.commit().await?;
+    Ok(parked)
+}
+
+/// [`park`] inside a transaction the caller commits (the outbox as the queue parks in the
+/// transaction that removes the event from the outbox).
+pub async fn park_in(tx: &mut PgConnection, letters: &[DeadLetter]) -> Result<usize, sqlx::Error> {
     let ids: Vec<Uuid> = letters.iter().map(|l| l.event_id).collect();
     let types: Vec<&str> = letters.iter().map(|l| l.event_type.as_str()).collect();
     let aggregates: Vec<Option<Uuid>> = letters.iter().map(|l| l.aggregate_id).collect();
@@ -113,8 +121,7 @@ pub async fn park(pool: &PgPool, letters: &[DeadLetter]) -> Result<usize, sqlx::
     for (event_type, created_at) in &parked {
         count_failed(&mut deltas, event_type, *created_at, 1);
     }
-    write_deltas(&mut tx, &deltas).await?;
-    tx.commit().await?;
+    write_deltas(tx, &deltas).await?;
     Ok(parked.len())
 }
 
@@ -214,9 +221,15 @@ pub async fn retry(
         });
     }
     write_deltas(&mut tx, &deltas).await?;
-    // Published before the commit: if the commit fails the event is both queued and still
-    // parked, never lost; the idempotency ledger absorbs a second application.
-    queue.republish(&envelopes).await?;
+    if queue.backend() == "outbox" {
+        // The outbox is in this database: back in it in the same transaction, so that the
+        // event is parked or waiting, never both (this path keeps no ledger).
+        crate::queue::outbox::insert(&mut tx, &envelopes).await?;
+    } else {
+        // Published before the commit: if the commit fails the event is both queued and
+        // still parked, never lost; the idempotency ledger absorbs a second application.
+        queue.republish(&envelopes).await?;
+    }
     tx.commit().await?;
     Ok(RetryReport {
         requeued: envelopes.len(),

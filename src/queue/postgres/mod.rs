@@ -46,6 +46,20 @@ pub async fn require(analytics: &PgPool, setting: &'static str) -> Result<(), Mi
     crate::migrate::require(analytics, COMPONENT, MIGRATIONS, what, setting).await
 }
 
+/// Events in the embedded queue's table (0 when it is not installed).
+pub async fn waiting_events(analytics: &PgPool) -> Result<i64, sqlx::Error> {
+    let installed: bool =
+        sqlx::query_scalar("SELECT to_regclass('crm_analytics.queue') IS NOT NULL")
+            .fetch_one(analytics)
+            .await?;
+    if !installed {
+        return Ok(0);
+    }
+    sqlx::query_scalar("SELECT count(*) FROM (SELECT 1 FROM crm_analytics.queue LIMIT 1000000) q")
+        .fetch_one(analytics)
+        .await
+}
+
 pub struct PostgresQueue {
     pool: PgPool,
     capacity: u64,
@@ -132,15 +146,12 @@ impl Queue for PostgresQueue {
         interval: Duration,
         shutdown: CancellationToken,
     ) -> Option<BoxFuture<'static, ()>> {
-        // Every event leaves a dead row behind: vacuuming often keeps claims from scanning
-        // through them between autovacuum runs.
-        let pool = self.pool.clone();
-        Some(Box::pin(crate::maintenance::vacuum_loop(
-            pool,
+        Some(crate::maintenance::queue_table_vacuum(
+            &self.pool,
             &[TABLE],
             interval,
             shutdown,
-        )))
+        ))
     }
 
     async fn receive(

@@ -64,11 +64,15 @@ impl SqsBatch {
 }
 
 async fn keep_alive(shared: Arc<Shared>, receipts: Arc<Vec<String>>, stop: CancellationToken) {
+    // Ticks are counted from the start of the previous extension, not from its answer: a
+    // slow server must not stretch the period past the lease (a late tick fires at once).
     let every = Duration::from_secs(shared.lease_seconds as u64) / 3;
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(every) => {}
+            _ = ticks.tick() => {}
         }
         let entries = receipts.iter().map(|r| (r.as_str(), shared.lease_seconds));
         if let Err(error) = change_visibility(&shared, entries.collect()).await {
@@ -176,12 +180,15 @@ impl EntryFailure {
     /// Whether the entry failed only because this receipt's lease is over (see
     /// [`LEASE_LOST_CODES`]).
     fn lease_lost(&self) -> bool {
-        let code = self
-            .code
-            .strip_prefix("AWS.SimpleQueueService.")
-            .unwrap_or(&self.code);
-        LEASE_LOST_CODES.contains(&code)
+        lease_lost(&self.code)
     }
+}
+
+/// Whether an entry's error code says only that this receipt's lease is over (see
+/// [`LEASE_LOST_CODES`]), with or without the service's prefix.
+pub fn lease_lost(code: &str) -> bool {
+    let code = code.strip_prefix("AWS.SimpleQueueService.").unwrap_or(code);
+    LEASE_LOST_CODES.contains(&code)
 }
 
 /// Runs `call` on chunks of 10 items, at most [`PARALLEL_CALLS`] at a time, and reports

@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 use uuid::Uuid;
 
 use super::{Delivery, Depth, Message, Queue, QueueError, QueueOptions, ReceivedBatch, SqsTarget};
+pub use batch::lease_lost;
 use batch::{SqsBatch, MAX_VISIBILITY_SECONDS};
 use error::{broker, other};
 // The limits and attribute names, public for the benchmark that measures the server alone.

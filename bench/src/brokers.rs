@@ -9,9 +9,9 @@ use sqlx::PgPool;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::queue::nats::{NatsOptions, NatsSpec};
-use crate::queue::sqs::{SqsQueue, SqsSettings, StaticCredentials};
-use crate::queue::{Queue, QueueOptions, QueueSpec, SqsTarget};
+use crm_analytics::queue::nats::{NatsOptions, NatsSpec};
+use crm_analytics::queue::sqs::{SqsQueue, SqsSettings, StaticCredentials};
+use crm_analytics::queue::{Queue, QueueOptions, QueueSpec, SqsTarget};
 
 /// The NATS server tried when CRM_ANALYTICS_TEST_NATS is not set, and its address.
 const DEFAULT_NATS: &str = "nats://127.0.0.1:4222";
@@ -157,7 +157,7 @@ impl FreshQueue {
 
     /// Opens it (a broker's stream or queue is created when missing).
     pub async fn open(&self, analytics: &PgPool) -> anyhow::Result<Arc<dyn Queue>> {
-        Ok(crate::queue::open(&self.spec, analytics, &self.options).await?)
+        Ok(crm_analytics::queue::open(&self.spec, analytics, &self.options).await?)
     }
 
     /// Deletes the stream (and its consumer) or the queue; the embedded queue goes with

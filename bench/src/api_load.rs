@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 use super::{percentile, BenchDb, Report, Scale};
-use crate::api::{auth::Tokens, AppState, ServeOptions};
+use crm_analytics::api::{auth::Tokens, AppState, ServeOptions};
 
 const SECTION: &str = "5. API under load (64 connections)";
 const CONNECTIONS: usize = 64;
@@ -109,7 +109,7 @@ pub async fn run(server: &str, scale: Scale, report: &mut Report) -> anyhow::Res
     println!("{SECTION}");
     let db = BenchDb::create(server, "api").await?;
     let pool = db.pool(12).await?;
-    crate::migrate::all(&pool, &pool, "public", true).await?;
+    crm_analytics::migrate::all(&pool, &pool, "public", true).await?;
     // 1,000 accounts with a row for each of 120 days, and a funnel of 120 cohorts x 5 sources.
     sqlx::raw_sql(
         "INSERT INTO analytics.daily_account_metrics
@@ -153,7 +153,7 @@ pub async fn run(server: &str, scale: Scale, report: &mut Report) -> anyhow::Res
         cache_ttl: Duration::from_secs(1),
         public_url: None,
     };
-    let server_task = tokio::spawn(crate::api::serve_on(
+    let server_task = tokio::spawn(crm_analytics::api::serve_on(
         listener,
         running.pipeline.api_state(),
         options,
@@ -189,10 +189,10 @@ pub async fn run(server: &str, scale: Scale, report: &mut Report) -> anyhow::Res
     }
 
     // Without writes: the cache is never outdated; and without the cache.
-    let queue = crate::queue::open(
-        &crate::queue::QueueSpec::Postgres,
+    let queue = crm_analytics::queue::open(
+        &crm_analytics::queue::QueueSpec::Postgres,
         &pool,
-        &crate::queue::QueueOptions::default(),
+        &crm_analytics::queue::QueueOptions::default(),
     )
     .await?;
     let state = AppState {
@@ -215,7 +215,7 @@ pub async fn run(server: &str, scale: Scale, report: &mut Report) -> anyhow::Res
             cache_ttl,
             public_url: None,
         };
-        let server_task = tokio::spawn(crate::api::serve_on(
+        let server_task = tokio::spawn(crm_analytics::api::serve_on(
             listener,
             state.clone(),
             options,

@@ -1,5 +1,6 @@
 //! Pure-SQL baselines of the drain, run on copies of the same backlog as `run`, each loop
-//! claiming batches of 1,000 outbox rows with `FOR UPDATE SKIP LOCKED`:
+//! claiming batches of 1,000 outbox rows with `FOR UPDATE SKIP LOCKED` in transactions that
+//! commit as ours do on the default queue (`synchronous_commit = off`, see [`BEGIN`]):
 //!
 //! * the one-aggregate floor: one statement per batch that deletes the rows and upserts only
 //!   the funnel (the least any consumer must do); its funnel is checked against the
@@ -13,7 +14,7 @@
 use sqlx::PgPool;
 use std::time::{Duration, Instant};
 
-use super::BenchDb;
+use super::{cpu, BenchDb};
 
 /// The funnel-only statement: deletes a batch, upserts the funnel, returns the batch size.
 const FUNNEL_ONLY: &str = "WITH batch AS (
@@ -131,11 +132,15 @@ const DELETE_ZEROS: [&str; 3] = [
        AND deals_won = 0 AND revenue = 0",
 ];
 
-/// Loops a baseline uses: as many as the pipeline has workers by default.
-fn loops() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(2)
+/// How many loops a baseline may run: one per core, and as many as the pipeline has
+/// workers by default (two per core). The drain section runs each baseline with both and
+/// compares ours with the faster: more loops than cores overlap commits, but they also
+/// wait on each other's locks on the rows every batch shares.
+pub(super) fn loop_counts() -> Vec<usize> {
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let mut counts = vec![cores, crm_analytics::config::default_workers()];
+    counts.dedup();
+    counts
 }
 
 /// Whether a baseline statement failed only on a conflict with another loop (retried).
@@ -143,9 +148,14 @@ fn conflict(error: &sqlx::Error) -> bool {
     matches!(error, sqlx::Error::Database(e) if e.code().is_some_and(|c| c.starts_with("40")))
 }
 
+/// A baseline's batch transaction commits as ours on the default queue does: without
+/// waiting for its WAL to reach the disk (a batch lost in a server crash loses its removal
+/// from the outbox with it, so its events are applied again).
+const BEGIN: &str = "BEGIN; SET LOCAL synchronous_commit = off";
+
 /// One batch of the equivalent baseline in one transaction; the events it moved.
 async fn equivalent_batch(pool: &PgPool) -> Result<i64, sqlx::Error> {
-    let mut tx = pool.begin().await?;
+    let mut tx = pool.begin_with(BEGIN).await?;
     let (moved, daily, funnel, revenue): (i64, Vec<String>, Vec<String>, Vec<String>) =
         sqlx::query_as(EQUIVALENT).fetch_one(&mut *tx).await?;
     for (sql, ctids) in DELETE_ZEROS.iter().zip([daily, funnel, revenue]) {
@@ -159,24 +169,43 @@ async fn equivalent_batch(pool: &PgPool) -> Result<i64, sqlx::Error> {
 
 /// One batch of the funnel-only floor; the events it moved.
 async fn funnel_batch(pool: &PgPool) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar(FUNNEL_ONLY).fetch_one(pool).await
+    let mut tx = pool.begin_with(BEGIN).await?;
+    let moved = sqlx::query_scalar(FUNNEL_ONLY).fetch_one(&mut *tx).await?;
+    tx.commit().await?;
+    Ok(moved)
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Baseline {
     FunnelOnly,
     Equivalent,
 }
 
-/// Drains `db`'s outbox with `baseline`; the seconds it took. Fails if the result is not
-/// what the recomputation gives (the funnel for the floor, every aggregate otherwise).
+/// What one baseline drain measured.
+pub(super) struct Drained {
+    pub seconds: f64,
+    /// Where the machine's CPU went from the first batch to the last.
+    pub cpu: cpu::Split,
+    /// CPU of the loops' client side (this process) over the same window, in cores.
+    pub client: Option<f64>,
+}
+
+/// Drains `db`'s outbox with `baseline` in `loops` concurrent loops. Fails if the result is
+/// not what the recomputation gives (the funnel for the floor, every aggregate otherwise);
+/// that check and the connections' setup are outside the measured window.
 pub(super) async fn drain(
     db: &BenchDb,
     baseline: Baseline,
+    loops: usize,
     timeout: Duration,
-) -> anyhow::Result<f64> {
-    let loops = loops();
+) -> anyhow::Result<Drained> {
     let pool = db.pool(loops as u32 + 2).await?;
+    // Every connection open before the window starts, so that their start is not counted.
+    let warm: Vec<_> = futures::future::try_join_all((0..loops).map(|_| pool.acquire())).await?;
+    drop(warm);
+    // The loops' client side runs in this process.
+    let this = [Some(std::process::id())];
+    let window = cpu::Window::start(&this);
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..loops {
@@ -211,20 +240,26 @@ pub(super) async fn drain(
         done??;
     }
     let seconds = started.elapsed().as_secs_f64();
+    // Read while the loops' connections (and their server processes) are still open.
+    let (cpu, client) = window.finish(&this);
     anyhow::ensure!(
         started.elapsed() < timeout * 4,
         "baseline too slow: {seconds:.0} s"
     );
     check(&pool, baseline).await?;
     pool.close().await;
-    Ok(seconds)
+    Ok(Drained {
+        seconds,
+        cpu,
+        client,
+    })
 }
 
 /// The baseline's result against the recomputation from the CRM tables.
 async fn check(pool: &PgPool, baseline: Baseline) -> anyhow::Result<()> {
     match baseline {
         Baseline::Equivalent => {
-            let found = crate::aggregates::verify::verify(pool, pool, "public", 5).await?;
+            let found = crm_analytics::aggregates::verify::verify(pool, pool, "public", 5).await?;
             anyhow::ensure!(
                 found.differences == 0,
                 "the equivalent baseline's aggregates differ from the recomputation in {} rows: {:?}",
@@ -233,7 +268,7 @@ async fn check(pool: &PgPool, baseline: Baseline) -> anyhow::Result<()> {
             );
         }
         Baseline::FunnelOnly => {
-            let funnel = crate::aggregates::recompute::funnel_sql("public");
+            let funnel = crm_analytics::aggregates::recompute::funnel_sql("public");
             let differing: i64 = sqlx::query_scalar(&format!(
                 // The floor leaves rows that netted to zero (no lead left): not rows.
                 "SELECT count(*) FROM (

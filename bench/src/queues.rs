@@ -16,13 +16,13 @@
 use sqlx::PgPool;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 
 use super::brokers::{Broker, FreshQueue};
 use super::scale_out::Rows;
 use super::{BenchDb, DrainClock, Report, Scale};
-use crate::event::Envelope;
-use crate::queue::Message;
+use crm_analytics::event::Envelope;
+use crm_analytics::queue::Message;
 
 const SECTION: &str = "8. Queues side by side";
 /// Events of the backlog whose bodies the SQS ceiling sends (cycling through them).
@@ -183,7 +183,7 @@ async fn drain(
 }
 
 fn spawn_run(db: &BenchDb, queue: &FreshQueue, log: &std::path::Path) -> anyhow::Result<Child> {
-    Ok(Command::new(std::env::current_exe()?)
+    Ok(crate::crm_analytics()?
         .arg("run")
         .env("DATABASE_URL", &db.url)
         .env_remove("ANALYTICS_DATABASE_URL")
@@ -219,7 +219,7 @@ async fn drain_on(
             log.display()
         );
     } else {
-        let found = crate::aggregates::verify::verify(&pool, &pool, "public", 3).await?;
+        let found = crm_analytics::aggregates::verify::verify(&pool, &pool, "public", 3).await?;
         anyhow::ensure!(
             found.differences == 0,
             "after the drain through {}, {} aggregate rows differ from the CRM, first: {:?}",
@@ -336,7 +336,7 @@ async fn ceiling(
              10 while ReceiveMessage of 10, short polls, + DeleteMessageBatch, {} calls in \
              flight each, {backlog} messages sampled from the backlog, bodies of {mean} bytes \
              on average)",
-            crate::queue::sqs::PARALLEL_CALLS
+            crm_analytics::queue::sqs::PARALLEL_CALLS
         ),
         match measured.deleted < backlog as usize {
             true => format!(

@@ -19,6 +19,9 @@ pub(super) struct Freshness {
     pub rate: f64,
     /// Commit to visible of every probe, sorted.
     pub samples: Vec<Duration>,
+    /// Start of the writing transaction to applied (before the worker's commit), p50 and
+    /// p99 in ms, from the workers' latency histogram over every event of the run.
+    pub pipeline: Option<crm_analytics::status::Latency>,
 }
 
 impl Freshness {
@@ -103,7 +106,7 @@ async fn measure_on(
     queue: Option<&FreshQueue>,
 ) -> anyhow::Result<Freshness> {
     let writers = db.pool(4).await?;
-    crate::migrate::all(&writers, &writers, "public", true).await?;
+    crm_analytics::migrate::all(&writers, &writers, "public", true).await?;
     sqlx::raw_sql("INSERT INTO accounts (name) SELECT 'a' || i FROM generate_series(1, 100) i")
         .execute(&writers)
         .await?;
@@ -113,11 +116,11 @@ async fn measure_on(
     let stop = running.stop.clone();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let base = format!("http://{}", listener.local_addr()?);
-    let server_task = tokio::spawn(crate::api::serve_on(
+    let server_task = tokio::spawn(crm_analytics::api::serve_on(
         listener,
         pipeline.api_state(),
-        crate::api::ServeOptions {
-            tokens: crate::api::auth::Tokens::parse(TOKEN),
+        crm_analytics::api::ServeOptions {
+            tokens: crm_analytics::api::auth::Tokens::parse(TOKEN),
             cache_ttl: std::time::Duration::from_secs(1),
             public_url: None,
         },
@@ -156,11 +159,18 @@ async fn measure_on(
                 committed.elapsed() < Duration::from_secs(30),
                 "a probe never became visible"
             );
-            tokio::time::sleep(Duration::from_millis(2)).await;
+            // The probe's own resolution: a change is seen at most this (and one request)
+            // after it became visible.
+            tokio::time::sleep(Duration::from_millis(1)).await;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     load_stop.cancel();
+    // The pipeline's own share, from the histogram its workers keep (every event of the
+    // run, the steady load's included).
+    let pipeline = crm_analytics::status::read_analytics(&writers)
+        .await?
+        .latency_ms;
     let events = load.await?;
     let achieved = events as f64 / started.elapsed().as_secs_f64();
     running.stop().await?;
@@ -170,6 +180,7 @@ async fn measure_on(
     Ok(Freshness {
         rate: achieved,
         samples,
+        pipeline,
     })
 }
 
@@ -190,13 +201,21 @@ pub async fn run(server: &str, scale: Scale, report: &mut Report) -> anyhow::Res
             measured.samples.len()
         ),
         format!("{:.1} ms", p50.as_secs_f64() * 1000.0),
-        Some(("under 50 ms".into(), p50 < Duration::from_millis(50))),
+        Some(("under 5 ms".into(), p50 < Duration::from_millis(5))),
     );
     report.add(
         SECTION,
         "same, p99",
         format!("{:.1} ms", p99.as_secs_f64() * 1000.0),
-        Some(("under 250 ms".into(), p99 < Duration::from_millis(250))),
+        Some(("under 25 ms".into(), p99 < Duration::from_millis(25))),
     );
+    if let Some(pipeline) = &measured.pipeline {
+        report.add(
+            SECTION,
+            "the pipeline alone, for every event of the run (not only the probes): writing transaction's start to applied, before the worker's commit (its latency histogram), p50 / p99",
+            format!("{:.1} ms / {:.1} ms", pipeline.p50, pipeline.p99),
+            None,
+        );
+    }
     Ok(())
 }

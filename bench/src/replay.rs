@@ -7,22 +7,21 @@
 use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
-use tokio::process::Command;
 
 use super::{drain, Report, Scale};
-use crate::archive::{Archive, Layout};
+use crm_analytics::archive::{Archive, Layout};
 
 const SECTION: &str = "9. Replay from the archive";
 
 /// Runs `crm-analytics <args>` on `db` with `archive` and waits; its wall time.
 async fn timed(url: &str, archive: &Path, args: &[&str]) -> anyhow::Result<Duration> {
     let started = Instant::now();
-    let output = Command::new(std::env::current_exe()?)
+    let output = crate::crm_analytics()?
         .args(args)
         .env("DATABASE_URL", url)
         .env_remove("ANALYTICS_DATABASE_URL")
         .env("CRM_ANALYTICS_ARCHIVE", archive)
-        .env("CRM_ANALYTICS_QUEUE", "postgres")
+        .env("CRM_ANALYTICS_QUEUE", drain::DEFAULT_QUEUE.to_string())
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
         .output()
@@ -39,7 +38,7 @@ async fn timed(url: &str, archive: &Path, args: &[&str]) -> anyhow::Result<Durat
 
 /// Fails the benchmark when the aggregates are not exact: a fast wrong answer is no result.
 async fn check_exact(pool: &sqlx::PgPool, what: &str) -> anyhow::Result<()> {
-    let found = crate::aggregates::verify::verify(pool, pool, "public", 5).await?;
+    let found = crm_analytics::aggregates::verify::verify(pool, pool, "public", 5).await?;
     anyhow::ensure!(
         found.differences == 0,
         "after {what}, {} aggregate rows differ from the recomputation: {:?}",
@@ -59,8 +58,8 @@ pub async fn run(server: &str, scale: Scale, report: &mut Report) -> anyhow::Res
 
     // The archive, as `run` writes it.
     let started = Instant::now();
-    let mut child = drain::spawn(&db, "run", &archive_dir)?;
-    let queue = drain::open_queue(&pool).await?;
+    let mut child = drain::spawn(&db, "run", &archive_dir, &drain::DEFAULT_QUEUE, &[])?;
+    let queue = drain::open_queue(&pool, &drain::DEFAULT_QUEUE).await?;
     while !drain::drained(&pool, &*queue).await? {
         anyhow::ensure!(
             started.elapsed() < timeout,
@@ -70,9 +69,12 @@ pub async fn run(server: &str, scale: Scale, report: &mut Report) -> anyhow::Res
     }
     let _ = child.start_kill();
     let _ = child.wait().await;
-    let events: i64 = sqlx::query_scalar("SELECT count(*) FROM crm_analytics.applied_events")
+    // Every event of the backlog was applied (the outbox is empty), none parked.
+    let parked: i64 = sqlx::query_scalar("SELECT count(*) FROM crm_analytics.failed_events")
         .fetch_one(&pool)
         .await?;
+    anyhow::ensure!(parked == 0, "{parked} events of the backlog were parked");
+    let events = backlog;
     let archive = Archive::open(&archive_dir.to_string_lossy(), Layout::Batch)?;
     let listing = archive.list().await?;
     let bytes: u64 = listing.folders.iter().map(|f| f.bytes).sum();

@@ -1,14 +1,17 @@
-//! Bench: the benchmark suite behind `crm-analytics bench`. Every comparison runs side by
-//! side in the same run on the same machine and is reported as a ratio; `--quick` is the
+//! `crm-analytics-bench`: the benchmark suite of crm-analytics. Every comparison runs side
+//! by side in the same run on the same machine and is reported as a ratio; `--quick` is the
 //! small version CI runs so the harness cannot rot (it asserts nothing about times).
 //!
 //! Each measurement gets fresh databases of its own on the server of DATABASE_URL (or the
-//! local one), and drops them afterwards.
+//! local one), and drops them afterwards. The pipelines measured in processes of their own
+//! are the `crm-analytics` binary's (see `--crm-analytics-bin`); the suite itself uses the
+//! library's public API only.
 
 mod api_load;
 mod baselines;
 mod brokers;
 mod capture_cost;
+mod cpu;
 mod drain;
 mod freshness;
 mod materialized_views;
@@ -20,14 +23,29 @@ mod report;
 mod scale_out;
 mod sqs_ceiling;
 
-use clap::Args;
+use anyhow::Context as _;
+use clap::{CommandFactory, FromArgMatches, Parser};
 use sqlx::{Connection, PgConnection, PgPool};
 use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::OnceLock;
 
 pub use report::Report;
 
-#[derive(Debug, Clone, Args)]
+/// Runs the benchmark suite of crm-analytics and writes BENCHMARKS.md (needs only
+/// PostgreSQL, and the `crm-analytics` binary: build both with `cargo build --release`).
+#[derive(Debug, Clone, Parser)]
+#[command(name = "crm-analytics-bench", version, about, long_about)]
 pub struct BenchArgs {
+    // The database settings of `crm-analytics`, under the same names: the suite creates its
+    // databases on the server of DATABASE_URL; the processes it starts get their own settings.
+    #[command(flatten)]
+    pub db: crm_analytics::config::DatabaseArgs,
+    /// The `crm-analytics` binary whose `run`, `relay`, `worker`, `replay` and `rebuild`
+    /// processes are measured. Default: the one beside this executable (the same target
+    /// folder after `cargo build --release`).
+    #[arg(long, env = "CRM_ANALYTICS_BIN", value_name = "PATH")]
+    pub crm_analytics_bin: Option<PathBuf>,
     /// Small sizes and short runs (a couple of minutes): what CI runs.
     #[arg(long)]
     pub quick: bool,
@@ -148,7 +166,7 @@ impl BenchDb {
     }
 
     pub async fn pool(&self, max: u32) -> anyhow::Result<PgPool> {
-        crate::db::connect(&self.url, "DATABASE_URL", max).await
+        crm_analytics::db::connect(&self.url, "DATABASE_URL", max).await
     }
 
     pub async fn drop_db(self) -> anyhow::Result<()> {
@@ -166,7 +184,7 @@ impl BenchDb {
 /// The pipeline of `crm-analytics run` (relay, workers, maintenance), in this process, on
 /// a bench database; its archive goes to a temporary folder removed by [`InProcess::stop`].
 pub struct InProcess {
-    pub pipeline: std::sync::Arc<crate::pipeline::Pipeline>,
+    pub pipeline: std::sync::Arc<crm_analytics::pipeline::Pipeline>,
     /// Cancelled by `stop`; servers started beside the pipeline may share it.
     pub stop: tokio_util::sync::CancellationToken,
     running: tokio::task::JoinHandle<anyhow::Result<()>>,
@@ -174,7 +192,7 @@ pub struct InProcess {
 }
 
 impl InProcess {
-    /// Through the default (embedded PostgreSQL) queue.
+    /// Through the default queue (the outbox itself: one database, no setting).
     pub async fn start(db: &BenchDb) -> anyhow::Result<Self> {
         Self::start_on(db, None).await
     }
@@ -185,24 +203,24 @@ impl InProcess {
         db: &BenchDb,
         queue: Option<&brokers::FreshQueue>,
     ) -> anyhow::Result<Self> {
-        let dbargs = crate::config::DatabaseArgs {
+        let dbargs = crm_analytics::config::DatabaseArgs {
             database_url: Some(db.url.clone()),
             analytics_database_url: None,
             urls_from_flags: Default::default(),
             crm_schema: "public".into(),
             queue: Default::default(),
         };
-        let mut args = crate::config::PipelineArgs::from_env();
+        let mut args = crm_analytics::config::PipelineArgs::from_env();
         let archive = std::env::temp_dir().join(&db.name);
         args.archive.location = archive.to_string_lossy().into_owned();
         let pipeline = match queue {
-            None => crate::pipeline::Pipeline::connect(&dbargs, &args).await?,
+            None => crm_analytics::pipeline::Pipeline::connect(&dbargs, &args).await?,
             Some(queue) => {
-                let roles = crate::pipeline::Roles::ALL;
+                let roles = crm_analytics::pipeline::Roles::ALL;
                 let (crm, analytics) =
-                    crate::pipeline::connect_pools(&dbargs, &args, roles, false).await?;
+                    crm_analytics::pipeline::connect_pools(&dbargs, &args, roles, false).await?;
                 let opened = queue.open(&analytics).await?;
-                crate::pipeline::Pipeline::assemble(crm, analytics, opened, &args)?
+                crm_analytics::pipeline::Pipeline::assemble(crm, analytics, opened, &args)?
             }
         };
         let pipeline = std::sync::Arc::new(pipeline);
@@ -314,15 +332,92 @@ async fn describe_server(server: &str) -> anyhow::Result<String> {
     })
 }
 
-pub async fn run(database_url: Option<&str>, args: BenchArgs) -> anyhow::Result<()> {
-    let server = server_of(database_url);
+/// The `crm-analytics` binary the suite runs, found once at the start (see [`find_binary`]).
+static CRM_ANALYTICS_BIN: OnceLock<PathBuf> = OnceLock::new();
+
+/// A `crm-analytics` command of the binary the suite measures.
+pub fn crm_analytics() -> anyhow::Result<tokio::process::Command> {
+    let path = CRM_ANALYTICS_BIN
+        .get()
+        .context("the crm-analytics binary has not been located yet")?;
+    Ok(tokio::process::Command::new(path))
+}
+
+/// The `crm-analytics` binary: the one `--crm-analytics-bin` / CRM_ANALYTICS_BIN names, else
+/// the one beside this executable; checked by running its `--version`, so that a missing
+/// binary fails here, naming the setting and the fix, rather than in a measurement.
+async fn find_binary(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    let (path, how) = match given {
+        Some(path) => (path, "as --crm-analytics-bin / CRM_ANALYTICS_BIN names it"),
+        None => {
+            let own = std::env::current_exe().context("cannot locate this executable")?;
+            let dir = own
+                .parent()
+                .context("this executable's path has no parent folder")?;
+            (
+                dir.join(format!("crm-analytics{}", std::env::consts::EXE_SUFFIX)),
+                "beside crm-analytics-bench; --crm-analytics-bin or CRM_ANALYTICS_BIN names another",
+            )
+        }
+    };
+    anyhow::ensure!(
+        path.is_file(),
+        "the crm-analytics binary is not at {} ({how}): build it first with \
+         `cargo build --release`, which builds both binaries into target/release",
+        path.display()
+    );
+    let output = tokio::process::Command::new(&path)
+        .arg("--version")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .with_context(|| {
+            format!(
+                "cannot run the crm-analytics binary at {} ({how})",
+                path.display()
+            )
+        })?;
+    let version = String::from_utf8_lossy(&output.stdout);
+    let version = version.lines().next().unwrap_or_default();
+    anyhow::ensure!(
+        output.status.success() && version.starts_with("crm-analytics "),
+        "{} ({how}) is not a crm-analytics binary: `--version` says {version:?}; name one, \
+         or build it with `cargo build --release`",
+        path.display()
+    );
+    Ok(path)
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    crm_analytics::telemetry::init_logging();
+    // Environment variables' values stay out of `--help`, as in `crm-analytics`: a set one
+    // may be a secret.
+    let matches = BenchArgs::command()
+        .mut_args(|arg| arg.hide_env_values(true))
+        .get_matches();
+    let args = BenchArgs::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    match run(args).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let binary = find_binary(args.crm_analytics_bin.clone()).await?;
+    let binary = CRM_ANALYTICS_BIN.get_or_init(|| binary);
+    let server = server_of(args.db.database_url.as_deref());
     let scale = Scale::of(args.quick);
     let mut report = Report::new(args.quick, scale, describe_server(&server).await?);
     println!(
         "benchmarks ({} mode) on {}",
         if args.quick { "quick" } else { "full" },
-        crate::db::redact(&server)
+        crm_analytics::db::redact(&server)
     );
+    println!("crm-analytics binary: {}", binary.display());
     let wanted = |m: Measure| args.only.is_empty() || args.only.contains(&m);
     if wanted(Measure::Capture) {
         capture_cost::run(&server, scale, &mut report).await?;
@@ -355,4 +450,20 @@ pub async fn run(database_url: Option<&str>, args: BenchArgs) -> anyhow::Result<
     report.write(&args.output)?;
     println!("written to {}", args.output.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_missing_binary_names_the_setting_and_the_fix() {
+        let missing = std::env::temp_dir().join("crm-analytics-bench-test-no-such-binary");
+        let error = find_binary(Some(missing))
+            .await
+            .expect_err("a path with no binary is refused");
+        let message = format!("{error:#}");
+        assert!(message.contains("CRM_ANALYTICS_BIN"), "{message}");
+        assert!(message.contains("cargo build --release"), "{message}");
+    }
 }

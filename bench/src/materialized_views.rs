@@ -12,8 +12,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::plot::{line_chart, Axes, Plot, Series};
 use super::{percentile, BenchDb, Report, Scale};
-use crate::aggregates::recompute;
-use crate::workload::{WorkloadConfig, WorkloadStats};
+use crm_analytics::aggregates::recompute;
+use crm_analytics::workload::{WorkloadConfig, WorkloadStats};
 
 const SECTION: &str = "4. Against materialized views (REFRESH MATERIALIZED VIEW CONCURRENTLY)";
 const PROBES: usize = 20;
@@ -125,7 +125,7 @@ fn human(rows: i64) -> String {
 async fn one_size(server: &str, rows: i64, changes: u64) -> anyhow::Result<AtSize> {
     let db = BenchDb::create(server, "mv").await?;
     let pool = db.pool(8).await?;
-    crate::migrate::all(&pool, &pool, "public", true).await?;
+    crm_analytics::migrate::all(&pool, &pool, "public", true).await?;
     let started = Instant::now();
     load_crm(&pool, rows).await?;
     println!(
@@ -133,7 +133,7 @@ async fn one_size(server: &str, rows: i64, changes: u64) -> anyhow::Result<AtSiz
         human(rows),
         started.elapsed()
     );
-    crate::backfill::run(&pool, &pool, "public", false).await?;
+    crm_analytics::backfill::run(&pool, &pool, "public", false).await?;
     create_views(&pool).await?;
 
     // The change volume, captured into the outbox while nothing drains it.
@@ -145,7 +145,7 @@ async fn one_size(server: &str, rows: i64, changes: u64) -> anyhow::Result<AtSiz
         seed: 7,
         crm_schema: "public".into(),
     };
-    crate::workload::run(&pool, &workload, stats, CancellationToken::new()).await?;
+    crm_analytics::workload::run(&pool, &workload, stats, CancellationToken::new()).await?;
     let events: i64 = sqlx::query_scalar("SELECT count(*) FROM crm_analytics.event_outbox")
         .fetch_one(&pool)
         .await?;

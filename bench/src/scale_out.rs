@@ -16,12 +16,12 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 use tokio_util::sync::CancellationToken;
 
 use super::brokers::{Broker, FreshQueue};
 use super::{BenchDb, Report, Scale};
-use crate::workload::{WorkloadConfig, WorkloadStats};
+use crm_analytics::workload::{WorkloadConfig, WorkloadStats};
 
 const SECTION: &str = "7. Scale-out over worker processes";
 /// Worker processes of each run.
@@ -228,7 +228,7 @@ async fn runs(
 async fn template(server: &str, events: i64) -> anyhow::Result<(BenchDb, i64)> {
     let db = BenchDb::create(server, "scaleout_backlog").await?;
     let pool = db.pool(WRITERS as u32 + 1).await?;
-    crate::migrate::all(&pool, &pool, "public", true).await?;
+    crm_analytics::migrate::all(&pool, &pool, "public", true).await?;
     let stop = CancellationToken::new();
     let load = {
         let (pool, stop) = (pool.clone(), stop.clone());
@@ -240,7 +240,8 @@ async fn template(server: &str, events: i64) -> anyhow::Result<(BenchDb, i64)> {
             crm_schema: "public".into(),
         };
         tokio::spawn(async move {
-            crate::workload::run(&pool, &config, Arc::new(WorkloadStats::default()), stop).await
+            crm_analytics::workload::run(&pool, &config, Arc::new(WorkloadStats::default()), stop)
+                .await
         })
     };
     let started = Instant::now();
@@ -277,7 +278,7 @@ async fn outbox(pool: &PgPool) -> anyhow::Result<i64> {
     )
 }
 
-/// A `crm-analytics` process of this binary on `db`; its stderr goes to `log`.
+/// A `crm-analytics` process on `db`; its stderr goes to `log`.
 fn spawn(
     db: &BenchDb,
     command: &str,
@@ -286,8 +287,7 @@ fn spawn(
     capacity: i64,
     log: &std::path::Path,
 ) -> anyhow::Result<Child> {
-    let exe = std::env::current_exe()?;
-    let mut child = Command::new(exe);
+    let mut child = crate::crm_analytics()?;
     child
         .arg(command)
         .env("DATABASE_URL", &db.url)
@@ -383,7 +383,7 @@ async fn drain(
         let _ = child.start_kill();
         let _ = child.wait().await;
     }
-    let found = crate::aggregates::verify::verify(&pool, &pool, "public", 3).await?;
+    let found = crm_analytics::aggregates::verify::verify(&pool, &pool, "public", 3).await?;
     anyhow::ensure!(
         found.differences == 0,
         "after the drain with {processes} worker process(es), {} aggregate rows differ from \

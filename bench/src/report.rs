@@ -1,6 +1,7 @@
 //! The benchmark report: a table on the terminal and BENCHMARKS.md, with the machine it
 //! ran on and, for every target, whether it is met.
 
+use anyhow::Context as _;
 use std::fmt::Write as _;
 use std::path::Path;
 
@@ -115,7 +116,7 @@ impl Report {
         let _ = writeln!(md, "# Benchmarks\n");
         let _ = writeln!(
             md,
-            "Produced by `crm-analytics bench{}` on {}. Machine: {}.\n",
+            "Produced by `crm-analytics-bench{}` on {}. Machine: {}.\n",
             if self.quick { " --quick" } else { "" },
             chrono::Utc::now().format("%Y-%m-%d %H:%M UTC"),
             self.machine()
@@ -156,8 +157,10 @@ impl Report {
                 let _ = writeln!(md, "| {} | {} | {} |", row.name, row.value, target);
             }
             for (_, plot) in self.plots.iter().filter(|(s, _)| *s == section) {
-                std::fs::create_dir_all(&plot_dir)?;
-                std::fs::write(plot_dir.join(&plot.file), &plot.svg)?;
+                let file = plot_dir.join(&plot.file);
+                std::fs::create_dir_all(&plot_dir)
+                    .and_then(|()| std::fs::write(&file, &plot.svg))
+                    .with_context(|| format!("cannot write the plot {}", file.display()))?;
                 let _ = writeln!(md, "\n![{}]({PLOT_DIR}/{})", plot.caption, plot.file);
             }
         }
@@ -167,7 +170,12 @@ impl Report {
                 let _ = write!(md, "\n{}", &previous[at..]);
             }
         }
-        std::fs::write(path, md)?;
+        if let Some(folder) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(folder)
+                .with_context(|| format!("cannot create the folder {}", folder.display()))?;
+        }
+        std::fs::write(path, md)
+            .with_context(|| format!("cannot write the report {}", path.display()))?;
         Ok(())
     }
 }

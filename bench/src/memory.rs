@@ -22,12 +22,12 @@ pub async fn run(server: &str, scale: Scale, report: &mut Report) -> anyhow::Res
     println!("{SECTION}");
     let db = BenchDb::create(server, "memory").await?;
     let pool = db.pool(4).await?;
-    crate::migrate::all(&pool, &pool, "public", true).await?;
+    crm_analytics::migrate::all(&pool, &pool, "public", true).await?;
     sqlx::raw_sql("INSERT INTO accounts (name) SELECT 'a' || i FROM generate_series(1, 500) i")
         .execute(&pool)
         .await?;
     let archive = std::env::temp_dir().join(&db.name);
-    let mut child = super::drain::spawn(&db, "run", &archive)?;
+    let mut child = super::drain::spawn(&db, "run", &archive, &super::drain::DEFAULT_QUEUE, &[])?;
     let pid = child
         .id()
         .ok_or_else(|| anyhow::anyhow!("crm-analytics run exited at once"))?;
