@@ -30,13 +30,61 @@ pub struct TestDb {
     pub archive: PathBuf,
 }
 
+/// The prefix of every test database's name; the rest is its creation time and a uuid.
+const TEST_DB_PREFIX: &str = "crm_analytics_test_";
+
+/// A test database older than this is a leftover (a test that panicked before dropping it).
+const LEFTOVER_AGE_SECONDS: u64 = 2 * 60 * 60;
+
+/// A new test database's name: its creation time in it, so that leftovers can be found.
+fn test_db_name() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    format!("{TEST_DB_PREFIX}{now}_{}", uuid::Uuid::new_v4().simple())
+}
+
+/// Drops, once per test binary, the test databases (and archive folders) that earlier runs
+/// left behind, so that failed tests do not fill the disk over many runs. Only names older
+/// than [`LEFTOVER_AGE_SECONDS`] are touched: a run under way elsewhere keeps its own.
+async fn sweep_leftovers(admin: &mut PgConnection) {
+    static SWEPT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if SWEPT.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        return;
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    let names: Vec<String> =
+        sqlx::query_scalar("SELECT datname FROM pg_database WHERE starts_with(datname, $1)")
+            .bind(TEST_DB_PREFIX)
+            .fetch_all(&mut *admin)
+            .await
+            .unwrap_or_default();
+    for name in names {
+        let created = name
+            .strip_prefix(TEST_DB_PREFIX)
+            .and_then(|rest| rest.split('_').next())
+            .and_then(|seconds| seconds.parse::<u64>().ok());
+        if created.is_some_and(|created| created + LEFTOVER_AGE_SECONDS < now) {
+            let _ = sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                .execute(&mut *admin)
+                .await;
+            let _ = std::fs::remove_dir_all(std::env::temp_dir().join(&name));
+        }
+    }
+}
+
 impl TestDb {
     /// A new, empty database of this test's own.
     pub async fn create() -> Self {
-        let name = format!("crm_analytics_test_{}", uuid::Uuid::new_v4().simple());
+        let name = test_db_name();
         let mut admin = PgConnection::connect(&format!("{}/postgres", server_url()))
             .await
             .expect("PostgreSQL must be running for the integration tests (see README)");
+        sweep_leftovers(&mut admin).await;
         sqlx::raw_sql(&format!("CREATE DATABASE {name}"))
             .execute(&mut admin)
             .await
@@ -52,7 +100,7 @@ impl TestDb {
     /// A file-level copy of this database (`CREATE DATABASE … TEMPLATE`), as a restore of a
     /// backup into a new database gives. Connections still open to this database are ended.
     pub async fn copy(&self) -> Self {
-        let name = format!("crm_analytics_test_{}", uuid::Uuid::new_v4().simple());
+        let name = test_db_name();
         let mut admin = PgConnection::connect(&format!("{}/postgres", server_url()))
             .await
             .expect("connect");
