@@ -47,10 +47,19 @@ async fn test_queue(backend: Backend, db: &TestDb, pool: &sqlx::PgPool) -> Optio
             })
         }
         Backend::Sqs => {
-            let fresh = common::brokers::FreshSqs::new(Duration::from_secs(5))?;
+            // The local SQS-compatible server spends time linear in the queue's depth on
+            // every message it hands out, so a deep queue slows it until batches outlast
+            // their leases and come back as duplicates. The relay's capacity bound keeps
+            // the queue shallow (backpressure, exercised too), and a longer lease rides
+            // out its slow moments; a worker killed with a batch gives it back a lease later.
+            let lease = Duration::from_secs(15);
+            let fresh = common::brokers::FreshSqs::new(lease)?;
             let queue: Arc<dyn Queue> = Arc::new(fresh.open().await);
+            let mut env = fresh.env();
+            env.push(("CRM_ANALYTICS_QUEUE_CAPACITY", "300".into()));
+            env.push(("CRM_ANALYTICS_QUEUE_LEASE", format!("{}s", lease.as_secs())));
             Some(TestQueue {
-                env: fresh.env(),
+                env,
                 queue,
                 _keep: None,
             })
@@ -74,6 +83,7 @@ fn spawn(db: &TestDb, command: &str, queue: &TestQueue) -> Child {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .kill_on_drop(true);
+    // After the defaults above: a backend's own settings win.
     for (name, value) in &queue.env {
         child.env(name, value);
     }
@@ -248,6 +258,9 @@ async fn sqs_outage_loses_nothing_and_doubles_nothing() {
         .expect("the SQS endpoint is host:port");
     let cuttable = common::outage::Cuttable::start(server).await;
     fresh.options.sqs.endpoint = Some(cuttable.url());
+    // The relay's capacity bound keeps the queue shallow after the outage: the local server
+    // spends time linear in its depth on every message it hands out.
+    fresh.options.capacity = 300;
     let queue: Arc<dyn Queue> = Arc::new(fresh.open().await);
     let mut args = db.args();
     args.outbox_retention = Duration::from_secs(3600); // to count relayed events

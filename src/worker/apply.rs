@@ -216,6 +216,9 @@ impl Applier {
             .bind(BACKFILL_LOCK)
             .execute(&mut *tx)
             .await?;
+        // A statement of its own, not folded into the lock's: a statement reads with the
+        // snapshot taken when it starts, which would predate the watermark a backfill
+        // committed while this batch waited for the lock.
         let watermark: Option<String> =
             sqlx::query_scalar("SELECT snapshot FROM crm_analytics.snapshot_watermark")
                 .fetch_optional(&mut *tx)

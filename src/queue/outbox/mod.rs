@@ -60,6 +60,29 @@ pub struct OutboxQueue {
     next_turn: std::sync::Mutex<Instant>,
 }
 
+/// The claim statement around a `select` of the rows to take (see [`Scan::claim_sql`]),
+/// spelled out at compile time for each scan.
+macro_rules! claim_sql {
+    ($select:literal) => {
+        concat!(
+            "WITH claimed AS (
+                DELETE FROM crm_analytics.event_outbox
+                WHERE ctid = ANY (ARRAY(",
+            $select,
+            "))
+                RETURNING *
+             ), kept AS (
+                INSERT INTO crm_analytics.event_outbox_processed
+                    (event_id, event_type, aggregate_id, payload, xid, created_at, processed_at, retry_count)
+                SELECT event_id, event_type, aggregate_id, payload, xid, created_at, now(), retry_count
+                FROM claimed WHERE $2
+             )
+             SELECT event_id, event_type, aggregate_id, xid::text::int8, created_at, payload::text, retry_count
+             FROM claimed"
+        )
+    };
+}
+
 /// How a claim finds its rows. While a backlog drains (the last claim came back full),
 /// a sequential scan finds a batch within the first pages it reads, and concurrent claims
 /// share one pass over the table. When fewer rows wait than a claim asks for, a
@@ -82,22 +105,23 @@ impl Scan {
         }
     }
 
-    /// The rows a claim takes, locked, up to `$1`.
-    fn select(self) -> &'static str {
+    /// The claim: deletes the rows it takes, locked, up to `$1`, copies them to
+    /// event_outbox_processed when `$2`, and returns them.
+    fn claim_sql(self) -> &'static str {
         match self {
-            Scan::Sequential => {
+            Scan::Sequential => claim_sql!(
                 "SELECT ctid FROM crm_analytics.event_outbox
                  WHERE processed_at IS NULL AND (available_at IS NULL OR available_at <= now())
                  LIMIT $1
                  FOR UPDATE SKIP LOCKED"
-            }
-            Scan::ByKey => {
+            ),
+            Scan::ByKey => claim_sql!(
                 "SELECT ctid FROM crm_analytics.event_outbox
                  WHERE processed_at IS NULL AND (available_at IS NULL OR available_at <= now())
                  ORDER BY event_id
                  LIMIT $1
                  FOR UPDATE SKIP LOCKED"
-            }
+            ),
         }
     }
 }
@@ -137,25 +161,11 @@ impl OutboxQueue {
             ))
             .await?;
         let scan = Scan::after(self.backlog.load(Ordering::Relaxed));
-        let rows: Vec<ClaimedRow> = sqlx::query_as(&format!(
-            "WITH claimed AS (
-                DELETE FROM crm_analytics.event_outbox
-                WHERE ctid = ANY (ARRAY({select}))
-                RETURNING *
-             ), kept AS (
-                INSERT INTO crm_analytics.event_outbox_processed
-                    (event_id, event_type, aggregate_id, payload, xid, created_at, processed_at, retry_count)
-                SELECT event_id, event_type, aggregate_id, payload, xid, created_at, now(), retry_count
-                FROM claimed WHERE $2
-             )
-             SELECT event_id, event_type, aggregate_id, xid::text::int8, created_at, payload::text, retry_count
-             FROM claimed",
-            select = scan.select()
-        ))
-        .bind(max as i64)
-        .bind(self.keep_processed)
-        .fetch_all(&mut *tx)
-        .await?;
+        let rows: Vec<ClaimedRow> = sqlx::query_as(scan.claim_sql())
+            .bind(max as i64)
+            .bind(self.keep_processed)
+            .fetch_all(&mut *tx)
+            .await?;
         self.backlog.store(rows.len() >= max, Ordering::Relaxed);
         let mut deliveries = Vec::with_capacity(rows.len());
         for (event_id, event_type, aggregate_id, xid, created_at, payload, retry_count) in rows {
