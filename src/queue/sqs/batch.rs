@@ -27,6 +27,10 @@ pub(super) struct SqsBatch {
     keepalive: Option<Keepalive>,
 }
 
+/// Further tries of a failed visibility extension, [`EXTENSION_RETRY_DELAY`] apart.
+const EXTENSION_RETRIES: u32 = 3;
+const EXTENSION_RETRY_DELAY: Duration = Duration::from_millis(200);
+
 /// The task that extends the batch's visibility every lease/3 until stopped.
 struct Keepalive {
     stop: CancellationToken,
@@ -74,8 +78,24 @@ async fn keep_alive(shared: Arc<Shared>, receipts: Arc<Vec<String>>, stop: Cance
             _ = stop.cancelled() => return,
             _ = ticks.tick() => {}
         }
-        let entries = receipts.iter().map(|r| (r.as_str(), shared.lease_seconds));
-        if let Err(error) = change_visibility(&shared, entries.collect()).await {
+        let extend = || {
+            let entries = receipts.iter().map(|r| (r.as_str(), shared.lease_seconds));
+            change_visibility(&shared, entries.collect())
+        };
+        let mut extended = extend().await;
+        // A failed extension is tried again shortly, not a third of a lease later: two
+        // failures in a row would otherwise let the lease lapse.
+        for _ in 0..EXTENSION_RETRIES {
+            if extended.is_ok() {
+                break;
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(EXTENSION_RETRY_DELAY) => {}
+            }
+            extended = extend().await;
+        }
+        if let Err(error) = extended {
             // The messages may come back to another worker; the idempotency ledger makes
             // a second application harmless.
             tracing::warn!(%error, messages = receipts.len(), "cannot extend the SQS visibility of a batch in progress");
