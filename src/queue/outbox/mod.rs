@@ -268,6 +268,20 @@ struct Columns<'a> {
 }
 
 impl<'a> Columns<'a> {
+    /// Binds the six columns, in order, as the next parameters of `query`.
+    fn bind<'q>(
+        &'q self,
+        query: sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments> {
+        query
+            .bind(&self.ids)
+            .bind(&self.types)
+            .bind(&self.aggregates)
+            .bind(&self.payloads)
+            .bind(&self.xids)
+            .bind(&self.created)
+    }
+
     fn of(events: &'a [Envelope]) -> Self {
         Self {
             ids: events.iter().map(|e| e.event_id).collect(),
@@ -289,7 +303,7 @@ pub async fn insert(conn: &mut PgConnection, events: &[Envelope]) -> Result<(), 
         return Ok(());
     }
     let columns = Columns::of(events);
-    sqlx::query(
+    columns.bind(sqlx::query(
         "WITH inserted AS (
             INSERT INTO crm_analytics.event_outbox (event_id, event_type, aggregate_id, payload, xid, created_at)
             SELECT i, t, a, p::jsonb, x::xid8, c
@@ -299,13 +313,7 @@ pub async fn insert(conn: &mut PgConnection, events: &[Envelope]) -> Result<(), 
             RETURNING 1
          )
          SELECT pg_notify($7, '') FROM (SELECT count(*) FROM inserted) n",
-    )
-    .bind(&columns.ids)
-    .bind(&columns.types)
-    .bind(&columns.aggregates)
-    .bind(&columns.payloads)
-    .bind(&columns.xids)
-    .bind(&columns.created)
+    ))
     .bind(OUTBOX_CHANNEL)
     .execute(conn)
     .await?;
@@ -481,7 +489,7 @@ async fn put_back(
         events.push(envelope);
     }
     let columns = Columns::of(&events);
-    sqlx::query(
+    columns.bind(sqlx::query(
         "INSERT INTO crm_analytics.event_outbox
             (event_id, event_type, aggregate_id, payload, xid, created_at, retry_count, available_at, last_error)
          SELECT i, t, a, p::jsonb, x::xid8, c, n,
@@ -489,13 +497,7 @@ async fn put_back(
          FROM unnest($1::uuid[], $2::text[], $3::uuid[], $4::text[], $5::text[],
                      $6::timestamptz[], $7::int4[], $8::int8[], $9::text[])
             AS u(i, t, a, p, x, c, n, d, e)",
-    )
-    .bind(&columns.ids)
-    .bind(&columns.types)
-    .bind(&columns.aggregates)
-    .bind(&columns.payloads)
-    .bind(&columns.xids)
-    .bind(&columns.created)
+    ))
     .bind(&attempts)
     .bind(&delays)
     .bind(&errors)
